@@ -1,0 +1,1 @@
+"""Report label extraction (vocabularies now; extractors arrive with the labels stage)."""
