@@ -1,0 +1,332 @@
+"""The `rfm` command line: thin wrappers over the stage functions, with rich progress and tables.
+
+Errors print as one line; `--verbose` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from appliance.errors import ApplianceError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Site appliance for center-specific radiology foundation models.")
+bench_app = typer.Typer(no_args_is_help=True, help="Measure a stage: throughput, peak memory, peer ratio; writes JSON.")
+app.add_typer(bench_app, name="bench")
+
+WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", envvar="RFM_WORKSPACE",
+                                            help="Site workspace folder (or $RFM_WORKSPACE).")]
+
+
+class RichProgress:
+    """The Progress protocol (appliance.progress) drawn as rich bars; notes print above them."""
+
+    def __init__(self, progress: Progress):
+        self.bars = progress
+        self.task = None
+
+    def start(self, description: str, total: int | None) -> None:
+        if self.task is not None:
+            self.bars.update(self.task, visible=False)
+        self.task = self.bars.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.bars.advance(self.task, n)
+
+    def note(self, message: str) -> None:
+        self.bars.console.print(f"[yellow]![/yellow] {escape(message)}", highlight=False)
+
+
+def progress_bars() -> Progress:
+    return Progress(TextColumn("[bold]{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                    transient=False)
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False) -> None:
+    """Site appliance: ingest, de-identify, label, train, distil, evaluate and export."""
+
+
+# --- init / doctor ------------------------------------------------------------------------------
+@app.command()
+def init(workspace: Annotated[Path, typer.Argument(help="Folder to create (or complete).")],
+         site_name: Annotated[Optional[str], typer.Option(help="Site name in site.yaml.")] = None) -> None:
+    """Create a site workspace: folders, a commented site.yaml and the catalog."""
+    from appliance.workspace import STAGE_DIRS, init_workspace
+
+    ws = init_workspace(workspace, site_name)
+    console.print(f"[green]workspace ready[/green] at {ws.root}")
+    console.print(f"  folders: {', '.join(STAGE_DIRS)}; settings: site.yaml; catalog: catalog.sqlite")
+    console.print(f"  next: rfm ingest SRC -w {ws.root}")
+
+
+@app.command()
+def doctor(workspace: WorkspaceOpt = Path("."),
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False) -> None:
+    """Check this machine: CPU, RAM, disk, GPUs (NVML) and the training profile they give."""
+    from appliance.doctor import run_checks
+
+    report = run_checks(workspace)
+    if as_json:
+        console.print_json(json.dumps(report, default=str))
+        return
+    hw, prof = report["hardware"], report["profile"]
+    t = Table(title="Machine", show_header=False)
+    t.add_row("CPU", f"{hw['cpu_model']} ({hw['cores_physical']} cores, {hw['cores_logical']} threads)")
+    t.add_row("RAM", f"{hw['ram_gb']} GB")
+    t.add_row("Disk free", f"{hw['disk_free_gb']} GB at {hw['disk_path']}")
+    if hw["gpus"]:
+        for g in hw["gpus"]:
+            cc = ".".join(map(str, g["compute_capability"]))
+            t.add_row(f"GPU {g['index']}", f"{g['name']}, {g['vram_gb']} GB, compute {cc}, driver {g['driver']}")
+    else:
+        t.add_row("GPU", f"no GPU ({hw['nvml_error'] or 'NVML reports none'})")
+    console.print(t)
+    p = Table(title=f"Training profile: {prof['name']}", show_header=False)
+    for key in ("device", "variant", "micro_batch", "grad_accumulation", "effective_batch", "precision",
+                "activation_checkpointing", "channels_last_3d", "dataloader_workers", "distributed"):
+        p.add_row(key, str(prof[key]))
+    p.add_row("why", "; ".join(prof["reasons"]))
+    console.print(p)
+    c = Table(title="Checks")
+    c.add_column("check")
+    c.add_column("result")
+    for name, ok, detail in report["checks"]:
+        c.add_row(name, ("[green]ok[/green] " if ok else "[red]problem[/red] ") + detail)
+    console.print(c)
+
+
+# --- synth / ingest / preprocess ---------------------------------------------------------------
+@app.command()
+def synth(out: Annotated[Path, typer.Argument(help="Folder to write the cohort into.")],
+          studies: Annotated[int, typer.Option(min=1, help="Number of studies.")] = 20,
+          seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+          matrix: Annotated[int, typer.Option(min=32, help="In-plane matrix.")] = 96,
+          slices: Annotated[int, typer.Option(min=8, help="Slices per series.")] = 48) -> None:
+    """Write a synthetic chest-CT cohort: DICOM series, reports.jsonl and ground_truth.json."""
+    from appliance.synthetic import generate_cohort
+
+    with progress_bars() as bars:
+        task = bars.add_task("synthesise", total=studies)
+        summary = generate_cohort(out, n_studies=studies, seed=seed, matrix=matrix, slices=slices,
+                                  progress=lambda k: bars.update(task, completed=k))
+    t = Table(title="Synthetic cohort", show_header=False)
+    t.add_row("studies", str(summary.n_studies))
+    t.add_row("series", str(summary.n_series))
+    t.add_row("DICOM files", str(summary.n_files))
+    t.add_row("reports", str(summary.reports_path))
+    t.add_row("ground truth", str(summary.ground_truth_path))
+    t.add_row("seconds", f"{summary.seconds:.1f}")
+    console.print(t)
+
+
+@app.command()
+def ingest(source: Annotated[Path, typer.Argument(help="Folder of DICOM files (any names, zips ok).")],
+           workspace: WorkspaceOpt = Path("."),
+           reports: Annotated[Optional[Path], typer.Option(help="Report sidecar (JSONL/CSV).")] = None,
+           force: Annotated[bool, typer.Option("--force", help="Redo series already ingested.")] = False,
+           preprocess: Annotated[Optional[bool], typer.Option("--preprocess/--no-preprocess",
+                                                              help="Override ingest.preprocess_after_ingest.")] = None) -> None:
+    """Ingest DICOM studies and their reports; quarantine bad input; then preprocess new series."""
+    from appliance.ingest import ingest_folder
+    from appliance.workspace import open_workspace
+
+    ws = open_workspace(workspace)
+    with progress_bars() as bars:
+        summary = ingest_folder(ws, source, reports=reports, force=force, progress=RichProgress(bars))
+    print_ingest_summary(summary.to_dict())
+    if preprocess if preprocess is not None else ws.config().ingest.preprocess_after_ingest:
+        _preprocess(ws, force=force, workers=None)
+
+
+@app.command("preprocess")
+def preprocess_cmd(workspace: WorkspaceOpt = Path("."),
+                   force: Annotated[bool, typer.Option("--force", help="Redo series already cached.")] = False,
+                   workers: Annotated[Optional[int], typer.Option(min=1, help="Worker processes.")] = None) -> None:
+    """Turn every ingested series into a training-ready volume in cache/."""
+    from appliance.workspace import open_workspace
+
+    _preprocess(open_workspace(workspace), force=force, workers=workers)
+
+
+def _preprocess(ws, force: bool, workers: int | None) -> None:
+    from appliance.preprocess.stage import preprocess_workspace
+
+    with progress_bars() as bars:
+        summary = preprocess_workspace(ws, force=force, workers=workers, progress=RichProgress(bars))
+    print_preprocess_summary(summary.to_dict())
+
+
+def print_ingest_summary(s: dict) -> None:
+    t = Table(title="Ingest", show_header=False)
+    t.add_row("files seen", str(s["files_seen"]))
+    t.add_row("accepted", f"{s['files_accepted']} files in {s['series_accepted']} series "
+                          f"({s['bytes_accepted'] / 2**20:.1f} MiB), {s['studies_touched']} studies")
+    t.add_row("quarantined", _counts(s["quarantined"]))
+    t.add_row("skipped", _counts(s["skipped"]))
+    t.add_row("reports", f"{s['reports_linked']} linked, {s['reports_pending']} waiting for images, "
+                         f"{s['studies_without_report']} studies without report")
+    t.add_row("seconds", f"{s['seconds']:.1f}")
+    console.print(t)
+
+
+def print_preprocess_summary(s: dict) -> None:
+    t = Table(title="Preprocess", show_header=False)
+    t.add_row("series cached", str(s["series_done"]))
+    t.add_row("already cached", str(s["series_skipped"]))
+    t.add_row("quarantined", str(s["series_quarantined"]))
+    t.add_row("failed (re-run to retry)", str(s["series_failed"]))
+    t.add_row("seconds", f"{s['seconds']:.1f}")
+    console.print(t)
+
+
+def _counts(d: dict[str, int]) -> str:
+    total = sum(d.values())
+    return f"{total}" + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(d.items()))})" if d else "")
+
+
+# --- status / quarantine -----------------------------------------------------------------------
+@app.command()
+def status(workspace: WorkspaceOpt = Path(".")) -> None:
+    """What the catalog holds and where each stage stands."""
+    from appliance.catalog import Catalog
+    from appliance.workspace import open_workspace
+
+    ws = open_workspace(workspace)
+    with Catalog(ws.catalog_path) as cat:
+        counts, stages = cat.counts(), cat.stage_counts()
+    t = Table(title=f"Catalog of {ws.root.name}", show_header=False)
+    for k, v in counts.items():
+        t.add_row(k, str(v))
+    console.print(t)
+    s = Table(title="Stages")
+    for col in ("stage", "done", "running", "failed", "quarantined"):
+        s.add_column(col)
+    for stage, by in stages.items():
+        s.add_row(stage, *(str(by.get(k, 0)) for k in ("done", "running", "failed", "quarantined")))
+    console.print(s)
+
+
+@app.command()
+def quarantine(workspace: WorkspaceOpt = Path(".")) -> None:
+    """List quarantined items with their reasons (files and sources are in quarantine/q<id>/)."""
+    from appliance.catalog import Catalog
+    from appliance.workspace import open_workspace
+
+    ws = open_workspace(workspace)
+    with Catalog(ws.catalog_path) as cat:
+        rows = cat.quarantined()
+    t = Table(title=f"Quarantine ({len(rows)})")
+    for col in ("id", "stage", "kind", "code", "reason", "when"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.folder, r.stage, r.kind, r.code, r.reason, r.created_at)
+    console.print(t)
+
+
+# --- demo / bench ------------------------------------------------------------------------------
+@app.command()
+def demo(directory: Annotated[Path, typer.Option("--dir", help="Folder for the demo source and workspace.")] = Path("demo"),
+         studies: Annotated[int, typer.Option(min=2, help="Synthetic studies.")] = 20,
+         seed: Annotated[int, typer.Option(help="Random seed.")] = 0) -> None:
+    """Run the whole site pipeline (Prefect flow) on a fresh synthetic cohort and summarise it."""
+    from appliance.demo import run_demo
+    from appliance.progress import set_default_progress
+
+    with progress_bars() as bars:
+        set_default_progress(RichProgress(bars))
+        try:
+            result = run_demo(directory, studies=studies, seed=seed)
+        finally:
+            set_default_progress(None)
+    print_ingest_summary(result["stages"]["ingest"])
+    print_preprocess_summary(result["stages"]["preprocess"])
+    t = Table(title="Demo")
+    for col in ("stage", "result", "seconds"):
+        t.add_column(col)
+    for row in result["table"]:
+        t.add_row(row["stage"], row["result"], f"{row['seconds']:.1f}")
+    console.print(t)
+    console.print(f"summary written to {result['summary_path']}")
+
+
+@bench_app.command("ingest")
+def bench_ingest(studies: Annotated[int, typer.Option(min=1, help="Synthetic studies.")] = 20,
+                 out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-ingest.json"),
+                 real: Annotated[Optional[Path], typer.Option(help="Real DICOM series folder to measure too.")] = None,
+                 workers: Annotated[int, typer.Option(min=1, help="Preprocess workers.")] = 1) -> None:
+    """ingest + preprocess throughput (series/s, slices/s, MB/s), peak RSS, and dcm2niix as a peer."""
+    from appliance.bench import bench_ingest as run
+
+    with console.status("benchmarking ingest + preprocess ..."):
+        result = run(studies=studies, real=real, workers=workers)
+    t = Table(title="rfm bench ingest")
+    for col in ("dataset", "series", "slices", "MB", "ingest s", "preprocess s", "series/s", "slices/s", "MB/s",
+                "peak RSS MB", "dcm2niix s", "ratio vs dcm2niix"):
+        t.add_column(col)
+    for name, r in result["datasets"].items():
+        peer = r.get("peer_dcm2niix") or {}
+        t.add_row(name, str(r["series"]), str(r["slices"]), f"{r['mb']:.1f}", f"{r['ingest_s']:.2f}",
+                  f"{r['preprocess_s']:.2f}", f"{r['series_per_s']:.2f}", f"{r['slices_per_s']:.0f}",
+                  f"{r['mb_per_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
+                  f"{peer['seconds']:.2f}" if peer.get("seconds") is not None else "-",
+                  f"{peer['ratio']:.2f}x" if peer.get("ratio") is not None else peer.get("skipped", "-"))
+    console.print(t)
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"written to {out}")
+
+
+# --- entry point -------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # --verbose is accepted anywhere on the line, not only before the command
+    verbose = any(a in ("--verbose", "-v") for a in args)
+    args = [a for a in args if a not in ("--verbose", "-v")]
+    try:
+        result = app(args=args, prog_name="rfm", standalone_mode=False)
+    except typer.Exit as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except typer.Abort:
+        err_console.print("aborted")
+        return 130
+    except typer.TyperException as exc:  # usage errors: typer prints them its own way
+        show = getattr(exc, "show", None)
+        show() if show else err_console.print(str(exc))
+        return int(getattr(exc, "exit_code", 2))
+    except ApplianceError as exc:
+        _print_error(str(exc), verbose)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished items are kept; run the same command again to resume")
+        return 130
+    except Exception as exc:  # a bug: still one line, traceback with --verbose
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        _print_error(f"unexpected {type(exc).__name__}: {first}", verbose)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+def _print_error(message: str, verbose: bool) -> None:
+    if verbose:
+        err_console.print(traceback.format_exc(), highlight=False, markup=False)
+    err_console.print(f"[red]error:[/red] {escape(message)}" + ("" if verbose else "  (--verbose for details)"),
+                      highlight=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""site.yaml: the site's settings, validated with pydantic.
+
+An unknown key or a bad value is a ConfigError whose one-line message names the key
+(dotted path) and, where the value comes from a fixed set, the allowed values.
+"""
+
+from __future__ import annotations
+
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from appliance.errors import ConfigError
+
+SITE_YAML = "site.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteSection(_Section):
+    name: str = Field(default="my-site", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    timezone: str = "UTC"
+
+
+class IngestSection(_Section):
+    modalities: tuple[Literal["CT", "CR", "DX", "MR"], ...] = ("CT",)
+    reports: Path | None = None
+    read_zip: bool = True
+    min_slices: int = Field(default=10, ge=1)
+    preprocess_after_ingest: bool = True
+
+
+class PreprocessSection(_Section):
+    spacing_mm: tuple[float, float, float] = (1.5, 1.5, 3.0)
+    canvas: tuple[int, int, int] = (240, 240, 120)
+    hu_clip: tuple[float, float] = (-1000.0, 200.0)
+    antialias: bool = True
+    workers: int = Field(default=0, ge=0)
+
+    @field_validator("spacing_mm")
+    @classmethod
+    def _positive_spacing(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("every spacing must be > 0 mm")
+        return v
+
+    @field_validator("canvas")
+    @classmethod
+    def _positive_canvas(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(s < 8 for s in v):
+            raise ValueError("every canvas size must be >= 8 voxels")
+        return v
+
+    @field_validator("hu_clip")
+    @classmethod
+    def _ordered_clip(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] >= v[1]:
+            raise ValueError("hu_clip must be [low, high] with low < high")
+        return v
+
+
+class ComputeSection(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class WorkflowSection(_Section):
+    task_retries: int = Field(default=2, ge=0, le=10)
+    retry_delay_s: float = Field(default=5.0, ge=0)
+
+
+class SiteConfig(_Section):
+    site: SiteSection = SiteSection()
+    ingest: IngestSection = IngestSection()
+    preprocess: PreprocessSection = PreprocessSection()
+    compute: ComputeSection = ComputeSection()
+    workflow: WorkflowSection = WorkflowSection()
+
+
+def template_text(site_name: str = "my-site") -> str:
+    """The commented site.yaml that `rfm init` writes."""
+    text = resources.files("appliance").joinpath("templates/site.yaml").read_text()
+    return text.replace("name: my-site", f"name: {site_name}", 1)
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    """Read and validate site.yaml; any problem is a one-line ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{path.name} not found in {path.parent} (run `rfm init {path.parent}` first)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path.name}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: expected a mapping of sections at the top level")
+    return parse_site_config(data, source=path.name)
+
+
+def parse_site_config(data: dict, source: str = SITE_YAML) -> SiteConfig:
+    try:
+        return SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """First error as 'key.path: what is wrong (allowed: ...)'."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(p for p in loc if not p.isdigit()) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        return f"unknown key '{key}' (allowed keys here: {', '.join(allowed)})"
+    allowed_values = _allowed_values(loc)
+    msg = err["msg"].removeprefix("Value error, ")
+    if allowed_values:
+        return f"bad value for '{key}': {err.get('input')!r} (allowed: {', '.join(allowed_values)})"
+    return f"bad value for '{key}': {msg}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = SiteConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model = _model_at(loc)
+    return sorted(model.model_fields) if model else []
+
+
+def _allowed_values(loc: list[str]) -> list[str]:
+    names = [p for p in loc if not p.isdigit()]
+    if not names:
+        return []
+    model = _model_at(names[:-1])
+    field = model.model_fields.get(names[-1]) if model else None
+    if field is None:
+        return []
+    return [str(v) for v in _literal_values(field.annotation)]
+
+
+def _literal_values(ann: object) -> list[object]:
+    if typing.get_origin(ann) is Literal:
+        return list(typing.get_args(ann))
+    values: list[object] = []
+    for arg in typing.get_args(ann):
+        values.extend(_literal_values(arg))
+    return values

@@ -1,0 +1,83 @@
+"""`rfm demo`: the site pipeline end to end on a fresh synthetic cohort, through the Prefect flow."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from appliance.errors import ApplianceError
+from appliance.workspace import init_workspace
+
+DEMO_MARKER = ".rfm-demo"
+# Sized for the whole demo to fit 10 minutes on a 2-core CPU once every stage exists: the
+# synthetic scans are ~3.75 mm in-plane, so 3 mm voxels lose nothing the recipe's 1.5 mm would keep.
+DEMO_SETTINGS = {
+    "site": {"name": "demo"},
+    "preprocess": {"spacing_mm": [3.0, 3.0, 6.0], "canvas": [128, 128, 56]},
+}
+
+
+def fresh_demo_dir(directory: Path) -> Path:
+    """Empty a previous demo folder (only one this command made) or create a new one."""
+    directory = directory.expanduser().resolve()
+    if directory.exists() and any(directory.iterdir()):
+        if not (directory / DEMO_MARKER).exists():
+            raise ApplianceError(f"{directory} exists and was not made by `rfm demo`; choose another --dir")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / DEMO_MARKER).write_text("made by rfm demo; deleted by the next rfm demo\n")
+    return directory
+
+
+def run_demo(directory: Path, studies: int = 20, seed: int = 0) -> dict:
+    from appliance.synthetic import generate_cohort
+    from appliance.synthetic.bad_inputs import plant_bad_inputs
+    from appliance.workflow import prepare_prefect_env
+
+    t0 = time.perf_counter()
+    root = fresh_demo_dir(Path(directory))
+    source = root / "source"
+    cohort = generate_cohort(source, n_studies=studies, seed=seed)
+    planted = plant_bad_inputs(source)
+    t_synth = time.perf_counter() - t0
+
+    ws = init_workspace(root / "site", "demo")
+    settings = yaml.safe_load(ws.config_path.read_text()) or {}
+    for section, values in DEMO_SETTINGS.items():
+        settings.setdefault(section, {}).update(values)
+    ws.config_path.write_text("# rfm demo: the template's defaults with the demo's sizes\n"
+                              + yaml.safe_dump(settings, sort_keys=False))
+    ws.config()
+
+    prepare_prefect_env(ws.root)
+    from flows.site import site_pipeline
+
+    t1 = time.perf_counter()
+    stages = site_pipeline(str(ws.root), str(source))
+    t_flow = time.perf_counter() - t1
+
+    ing, pre = stages["ingest"], stages["preprocess"]
+    table = [
+        {"stage": "synthesise", "seconds": t_synth,
+         "result": f"{cohort.n_studies} studies, {cohort.n_series} series, {cohort.n_files} files; "
+                   f"planted bad input: {', '.join(planted)}"},
+        {"stage": "ingest", "seconds": ing["seconds"],
+         "result": f"{ing['series_accepted']} series accepted, {ing['n_quarantined']} quarantined, "
+                   f"{ing['n_skipped']} skipped, {ing['reports_linked']} reports linked"},
+        {"stage": "preprocess", "seconds": pre["seconds"],
+         "result": f"{pre['series_done']} volumes cached, {pre['series_quarantined']} quarantined, "
+                   f"{pre['series_failed']} failed"},
+        {"stage": "total", "seconds": time.perf_counter() - t0,
+         "result": f"Prefect flow {t_flow:.1f} s (includes starting the local API)"},
+    ]
+    summary_path = ws.root / "demo-summary.json"
+    result = {"workspace": str(ws.root), "source": str(source), "cohort": {
+        "studies": cohort.n_studies, "series": cohort.n_series, "files": cohort.n_files, "seed": seed},
+        "planted_bad_inputs": sorted(planted), "stages": stages, "table": table,
+        "summary_path": str(summary_path)}
+    summary_path.write_text(json.dumps(result, indent=2, default=str))
+    return result

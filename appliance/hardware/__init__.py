@@ -1,0 +1,182 @@
+"""What machine this is (CPU, RAM, disk, NVIDIA GPUs via NVML) and the training plan it gets.
+
+The plan is chosen by a rule a reader can follow, in the spirit of nnU-Net's planner: the
+smallest GPU's memory picks a tier from PROFILE_TIERS; the tier fixes model variant,
+micro-batch and precision; gradient accumulation keeps the recipe's effective batch.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+EFFECTIVE_BATCH = 10  # RECIPES.md section 1: batch 10 in both stages
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    vram_gb: float
+    compute_capability: tuple[int, int]
+    driver: str
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    cpu_model: str
+    cores_physical: int
+    cores_logical: int
+    ram_gb: float
+    disk_free_gb: float
+    disk_path: str
+    gpus: tuple[GpuInfo, ...] = ()
+    nvml_error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProfileTier:
+    name: str
+    min_vram_gb: float
+    variant: str            # "lite" = GreenRFM-L (4,4,4 patchify), "standard" = (2,2,2)
+    micro_batch: int
+    activation_checkpointing: bool
+
+
+# Read top to bottom: the first tier whose min_vram_gb the smallest GPU meets is used.
+PROFILE_TIERS: tuple[ProfileTier, ...] = (
+    ProfileTier("gpu-80gb", 79.0, "standard", 10, False),
+    ProfileTier("gpu-40gb", 39.0, "standard", 5, False),
+    ProfileTier("gpu-16-24gb", 15.0, "standard", 2, True),
+    ProfileTier("gpu-8-12gb", 7.5, "lite", 2, True),
+    ProfileTier("gpu-6gb", 5.0, "lite", 1, True),
+)
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    device: str
+    n_gpus: int
+    variant: str
+    micro_batch: int
+    grad_accumulation: int
+    effective_batch: int
+    precision: str
+    activation_checkpointing: bool
+    channels_last_3d: bool
+    dataloader_workers: int
+    distributed: str
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detect_hardware(disk_path: Path | str = ".") -> HardwareInfo:
+    """CPU, memory, free disk where the workspace lives, and every NVIDIA GPU NVML reports."""
+    vm = psutil.virtual_memory()
+    disk_at = Path(disk_path)
+    while not disk_at.exists() and disk_at != disk_at.parent:
+        disk_at = disk_at.parent
+    du = shutil.disk_usage(disk_at)
+    gpus, err = _nvml_gpus()
+    return HardwareInfo(
+        cpu_model=_cpu_model(),
+        cores_physical=psutil.cpu_count(logical=False) or 1,
+        cores_logical=psutil.cpu_count(logical=True) or 1,
+        ram_gb=round(vm.total / 2**30, 1),
+        disk_free_gb=round(du.free / 2**30, 1),
+        disk_path=str(disk_at.resolve()),
+        gpus=tuple(gpus),
+        nvml_error=err,
+    )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvml_gpus() -> tuple[list[GpuInfo], str | None]:
+    try:
+        import pynvml
+    except ImportError:
+        return [], "nvidia-ml-py is not installed"
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound / DriverNotLoaded on machines without a GPU
+        return [], f"NVML unavailable ({type(exc).__name__})"
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else str(driver)
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            cc = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+            gpus.append(GpuInfo(i, name.decode() if isinstance(name, bytes) else str(name),
+                                round(mem.total / 2**30, 1), (int(cc[0]), int(cc[1])), driver))
+        return gpus, None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def plan_profile(hw: HardwareInfo, device: str = "auto") -> HardwareProfile:
+    """The training plan for this machine (see the module docstring for the rule)."""
+    workers = max(0, min(8, hw.cores_logical - 1))
+    if device == "cpu" or not hw.gpus:
+        why = "device forced to cpu in site.yaml" if device == "cpu" and hw.gpus else "no GPU found"
+        return HardwareProfile(
+            name="cpu", device="cpu", n_gpus=0, variant="lite", micro_batch=2,
+            grad_accumulation=_accumulation(2), effective_batch=EFFECTIVE_BATCH, precision="fp32",
+            activation_checkpointing=False, channels_last_3d=False, dataloader_workers=min(workers, 2),
+            distributed="none", reasons=[why, "CPU: GreenRFM-L in fp32, small micro-batch"],
+        )
+    smallest = min(hw.gpus, key=lambda g: g.vram_gb)
+    tier = next((t for t in PROFILE_TIERS if smallest.vram_gb >= t.min_vram_gb), None)
+    if tier is None:
+        raise ValueError(f"GPU {smallest.name} has {smallest.vram_gb} GB; at least 5 GB is needed (use device: cpu)")
+    bf16 = smallest.compute_capability >= (8, 0)
+    n = len(hw.gpus)
+    per_step = tier.micro_batch * n
+    reasons = [
+        f"smallest GPU {smallest.name} has {smallest.vram_gb} GB -> tier {tier.name}",
+        f"compute capability {smallest.compute_capability[0]}.{smallest.compute_capability[1]} -> "
+        + ("bf16 autocast" if bf16 else "fp16 autocast with a gradient scaler"),
+    ]
+    if n > 1:
+        reasons.append(f"{n} GPUs -> DDP via torchrun, one process per GPU")
+    return HardwareProfile(
+        name=tier.name if n == 1 else f"{tier.name}-x{n}",
+        device="cuda", n_gpus=n, variant=tier.variant, micro_batch=tier.micro_batch,
+        grad_accumulation=max(1, -(-EFFECTIVE_BATCH // per_step)), effective_batch=EFFECTIVE_BATCH,
+        precision="bf16" if bf16 else "fp16", activation_checkpointing=tier.activation_checkpointing,
+        channels_last_3d=True, dataloader_workers=max(1, workers // n), distributed="ddp" if n > 1 else "none",
+        reasons=reasons,
+    )
+
+
+def _accumulation(micro_batch: int) -> int:
+    return max(1, -(-EFFECTIVE_BATCH // micro_batch))
+
+
+def visible_cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

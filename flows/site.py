@@ -1,0 +1,57 @@
+"""The site pipeline as a Prefect flow: one task per stage that exists, each calling the same
+plain stage function the CLI calls. Later stages (deid, labels, train, ...) add their task here.
+
+Run it with `rfm demo` or `rfm run`, or from Python after `prepare_prefect_env(workspace)`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from appliance.ingest import ingest_folder
+from appliance.preprocess.stage import preprocess_workspace
+from appliance.progress import LogProgress, default_progress
+from appliance.workspace import open_workspace
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry disk and database hiccups; bad input and bugs are not retried."""
+    try:
+        state.result()
+    except (OSError, sqlite3.OperationalError):
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+def _progress():
+    return default_progress() or LogProgress(get_run_logger())
+
+
+@task(name="ingest", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def ingest_task(workspace: str, source: str, force: bool = False) -> dict:
+    ws = open_workspace(workspace)
+    return ingest_folder(ws, Path(source), force=force, progress=_progress()).to_dict()
+
+
+@task(name="preprocess", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def preprocess_task(workspace: str, force: bool = False) -> dict:
+    ws = open_workspace(workspace)
+    return preprocess_workspace(ws, force=force, progress=_progress()).to_dict()
+
+
+@flow(name="site-pipeline", log_prints=False)
+def site_pipeline(workspace: str, source: str | None = None, force: bool = False) -> dict:
+    """Ingest (when a source folder is given) then preprocess; returns each stage's summary."""
+    cfg = open_workspace(workspace).config().workflow
+    retry = {"retries": cfg.task_retries, "retry_delay_seconds": cfg.retry_delay_s}
+    results: dict[str, dict] = {}
+    if source is not None:
+        results["ingest"] = ingest_task.with_options(**retry)(workspace, source, force)
+    results["preprocess"] = preprocess_task.with_options(**retry)(workspace, force)
+    return results

@@ -1,0 +1,53 @@
+"""Shared fixtures: small synthetic cohorts built with the project's own generator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance.workspace import init_workspace
+
+REAL_GE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "dcm_qa_ct_GE"
+SMALL_PREPROCESS = {"spacing_mm": [6.0, 6.0, 8.0], "canvas": [64, 64, 40], "workers": 1}
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory) -> Path:
+    """Six studies at 64x64x24: fast to ingest, enough to exercise every path. Treat as read-only."""
+    from appliance.synthetic import generate_cohort
+
+    out = tmp_path_factory.mktemp("cohort") / "source"
+    generate_cohort(out, n_studies=6, seed=7, matrix=64, slices=24)
+    return out
+
+
+@pytest.fixture
+def cohort(small_cohort, tmp_path) -> Path:
+    """A private, writable copy of the small cohort."""
+    dst = tmp_path / "source"
+    shutil.copytree(small_cohort, dst)
+    return dst
+
+
+def ground_truth(source: Path) -> dict:
+    return json.loads((source / "ground_truth.json").read_text())
+
+
+def make_workspace(root: Path, **sections) -> "Workspace":  # noqa: F821
+    ws = init_workspace(root)
+    cfg = yaml.safe_load(ws.config_path.read_text()) or {}
+    cfg.setdefault("preprocess", {}).update(SMALL_PREPROCESS)
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    ws.config_path.write_text(yaml.safe_dump(cfg))
+    ws.config()
+    return ws
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    return make_workspace(tmp_path / "site")

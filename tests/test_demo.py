@@ -1,0 +1,49 @@
+"""`rfm demo` end to end: synthetic cohort, planted bad input, Prefect flow, summary table + JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_runs_the_flow_and_writes_the_summary(tmp_path):
+    demo_dir = tmp_path / "demo"
+    env = dict(os.environ, COLUMNS="200")
+    proc = subprocess.run([str(Path(sys.executable).parent / "rfm"), "demo", "--dir", str(demo_dir), "--studies", "4"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((demo_dir / "site" / "demo-summary.json").read_text())
+    ing, pre = summary["stages"]["ingest"], summary["stages"]["preprocess"]
+    assert ing["series_accepted"] == summary["cohort"]["series"]
+    assert set(ing["quarantined"]) == {"not_dicom", "truncated", "incomplete_series", "missing_slice",
+                                       "mixed_orientation"}
+    assert pre["series_done"] == ing["series_accepted"]
+    assert [r["stage"] for r in summary["table"]] == ["synthesise", "ingest", "preprocess", "total"]
+    for word in ("Demo", "ingest", "preprocess", "quarantined"):
+        assert word in proc.stdout
+    # nothing identifying in what the operator sees
+    gt = json.loads((demo_dir / "source" / "ground_truth.json").read_text())
+    phi = {v for s in gt["studies"] for v in s["phi"] if len(str(v)) >= 4}
+    shown = proc.stdout + proc.stderr
+    assert not [v for v in phi if v in shown]
+    # a second demo replaces the first
+    again = subprocess.run([str(Path(sys.executable).parent / "rfm"), "demo", "--dir", str(demo_dir), "--studies", "2"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((demo_dir / "site" / "demo-summary.json").read_text())["cohort"]["studies"] == 2
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    from appliance.demo import fresh_demo_dir
+    from appliance.errors import ApplianceError
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ApplianceError, match="not made by"):
+        fresh_demo_dir(tmp_path)
+    assert (tmp_path / "precious.txt").exists()
