@@ -40,8 +40,8 @@ def run_demo(directory: Path, studies: int = 20, seed: int = 0) -> dict:
 
     t0 = time.perf_counter()
     root = fresh_demo_dir(Path(directory))
-    source = root / "source"
-    cohort = generate_cohort(source, n_studies=studies, seed=seed)
+    cohort = generate_cohort(root / "cohort", n_studies=studies, seed=seed)
+    source = cohort.dicom_dir  # the "PACS export": series + reports.jsonl; ground truth stays outside
     planted = plant_bad_inputs(source)
     t_synth = time.perf_counter() - t0
 

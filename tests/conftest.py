@@ -17,10 +17,10 @@ SMALL_PREPROCESS = {"spacing_mm": [6.0, 6.0, 8.0], "canvas": [64, 64, 40], "work
 
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory) -> Path:
-    """Six studies at 64x64x24: fast to ingest, enough to exercise every path. Treat as read-only."""
+    """Six studies at 64x64x24 (cohort/dicom is what gets ingested; ground_truth.json beside it). Read-only."""
     from appliance.synthetic import generate_cohort
 
-    out = tmp_path_factory.mktemp("cohort") / "source"
+    out = tmp_path_factory.mktemp("cohort") / "cohort"
     generate_cohort(out, n_studies=6, seed=7, matrix=64, slices=24)
     return out
 
@@ -28,7 +28,7 @@ def small_cohort(tmp_path_factory) -> Path:
 @pytest.fixture
 def cohort(small_cohort, tmp_path) -> Path:
     """A private, writable copy of the small cohort."""
-    dst = tmp_path / "source"
+    dst = tmp_path / "cohort"
     shutil.copytree(small_cohort, dst)
     return dst
 

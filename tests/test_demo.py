@@ -28,7 +28,7 @@ def test_demo_runs_the_flow_and_writes_the_summary(tmp_path):
     for word in ("Demo", "ingest", "preprocess", "quarantined"):
         assert word in proc.stdout
     # nothing identifying in what the operator sees
-    gt = json.loads((demo_dir / "source" / "ground_truth.json").read_text())
+    gt = json.loads((demo_dir / "cohort" / "ground_truth.json").read_text())
     phi = {v for s in gt["studies"] for v in s["phi"] if len(str(v)) >= 4}
     shown = proc.stdout + proc.stderr
     assert not [v for v in phi if v in shown]

@@ -22,7 +22,7 @@ from conftest import ground_truth, make_workspace
 
 
 def _series_dirs(source: Path) -> list[Path]:
-    return sorted({p.parent for p in (source / "dicom").rglob("*") if p.is_file()})
+    return sorted({p.parent for p in (source / "dicom").rglob("*") if p.is_file() and p.name != "reports.jsonl"})
 
 
 def _all_phi(source: Path) -> set[str]:
@@ -32,7 +32,7 @@ def _all_phi(source: Path) -> set[str]:
 def test_accepts_the_cohort_and_links_reports(cohort, workspace):
     gt = ground_truth(cohort)
     n_series = sum(len(s["series"]) for s in gt["studies"])
-    s = ingest_folder(workspace, cohort)
+    s = ingest_folder(workspace, cohort / "dicom")
     assert s.series_accepted == n_series
     assert s.files_accepted == s.files_seen == sum(x["n_slices"] for st in gt["studies"] for x in st["series"])
     assert s.n_quarantined == 0 and s.n_skipped == 0
@@ -49,7 +49,7 @@ def test_accepts_the_cohort_and_links_reports(cohort, workspace):
 
 
 def test_catalog_and_summary_hold_no_phi(cohort, workspace):
-    s = ingest_folder(workspace, cohort)
+    s = ingest_folder(workspace, cohort / "dicom")
     phi = _all_phi(cohort)
     blob = workspace.catalog_path.read_bytes()
     for wal in workspace.root.glob("catalog.sqlite*"):
@@ -62,21 +62,21 @@ def test_catalog_and_summary_hold_no_phi(cohort, workspace):
 
 
 def test_rerun_skips_and_force_redoes(cohort, workspace):
-    first = ingest_folder(workspace, cohort)
+    first = ingest_folder(workspace, cohort / "dicom")
     with Catalog(workspace.catalog_path) as cat:
         before = cat.counts()
-    again = ingest_folder(workspace, cohort)
+    again = ingest_folder(workspace, cohort / "dicom")
     assert again.series_accepted == 0 and again.files_accepted == 0
     assert again.skipped == {"already_ingested": first.files_accepted, "report_already_ingested": first.reports_linked}
-    forced = ingest_folder(workspace, cohort, force=True)
+    forced = ingest_folder(workspace, cohort / "dicom", force=True)
     assert forced.series_accepted == first.series_accepted
     with Catalog(workspace.catalog_path) as cat:
         assert cat.counts() == before
 
 
 def test_bad_input_is_quarantined_and_nothing_is_lost(cohort, workspace):
-    planted = plant_bad_inputs(cohort)
-    s = ingest_folder(workspace, cohort)
+    planted = plant_bad_inputs(cohort / "dicom")
+    s = ingest_folder(workspace, cohort / "dicom")
     assert s.quarantined == {"not_dicom": 1, "truncated": 1, "incomplete_series": 1, "missing_slice": 1,
                              "mixed_orientation": 1}
     gt = ground_truth(cohort)
@@ -99,7 +99,7 @@ def test_bad_input_is_quarantined_and_nothing_is_lost(cohort, workspace):
 
 
 def test_non_image_objects_localizers_and_other_modalities_are_skipped(cohort, workspace):
-    extra = cohort / "extra"
+    extra = cohort / "dicom" / "extra"
     extra.mkdir()
     sr = Dataset()
     sr.file_meta = FileMetaDataset()
@@ -118,19 +118,19 @@ def test_non_image_objects_localizers_and_other_modalities_are_skipped(cohort, w
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.Modality = "MR"
     ds.save_as(extra / "mr", enforce_file_format=True)
-    s = ingest_folder(workspace, cohort)
+    s = ingest_folder(workspace, cohort / "dicom")
     assert s.skipped == {"non_image_object": 1, "localizer": 1, "modality_MR_not_accepted": 1}
     assert s.n_quarantined == 0
 
 
 def test_zip_archives_and_odd_names(cohort, workspace):
     series = _series_dirs(cohort)[0]
-    archive = cohort / "export.zip"
+    archive = cohort / "dicom" / "export.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for i, f in enumerate(sorted(series.iterdir())):
             zf.write(f, f"DICOM/{i:08X}")
     shutil.rmtree(series)
-    s = ingest_folder(workspace, cohort)
+    s = ingest_folder(workspace, cohort / "dicom")
     gt = ground_truth(cohort)
     assert s.series_accepted == sum(len(x["series"]) for x in gt["studies"])
     assert s.n_quarantined == 0
@@ -143,21 +143,22 @@ def test_series_arriving_in_two_parts_is_merged(cohort, workspace):
     later.mkdir()
     for f in files[len(files) // 2:]:
         shutil.move(str(f), later / f.name)
-    first = ingest_folder(workspace, cohort)
+    first = ingest_folder(workspace, cohort / "dicom")
     assert first.n_quarantined == 0
-    shutil.rmtree(cohort / "dicom")
-    (cohort / "dicom").mkdir()
-    shutil.move(str(later), cohort / "dicom" / "later")
-    second = ingest_folder(workspace, cohort)
+    shutil.rmtree(series)
+    shutil.move(str(later), series)
+    second = ingest_folder(workspace, cohort / "dicom")
     assert second.series_accepted == 1 and second.n_quarantined == 0
     with Catalog(workspace.catalog_path) as cat:
-        merged = [r for r in cat.all_series() if r.n_instances == len(files)]
-    assert len(merged) == 1
+        sizes = sorted(r.n_instances for r in cat.all_series())
+    truth = sorted(x["n_slices"] for st in ground_truth(cohort)["studies"] for x in st["series"])
+    assert sizes == truth, "the half series grew to the whole series; no second copy"
+    assert first.files_accepted + second.files_accepted == sum(truth)
 
 
 def test_reports_csv_pending_and_bad_rows(cohort, workspace):
     gt = ground_truth(cohort)
-    (cohort / "reports.jsonl").unlink()
+    (cohort / "dicom" / "reports.jsonl").unlink()
     studies = gt["studies"]
     rows = [
         {"study_instance_uid": "", "accession_number": studies[0]["accession_number"], "text": "FINDINGS: clear lungs."},
@@ -167,17 +168,17 @@ def test_reports_csv_pending_and_bad_rows(cohort, workspace):
     ]
     import csv
 
-    with (cohort / "reports.csv").open("w", newline="") as fh:
+    with (cohort / "dicom" / "reports.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["study_instance_uid", "accession_number", "text"])
         w.writeheader()
         w.writerows(rows)
     (cohort / "more.jsonl").write_text('{"study_instance_uid": "x", "text": "ok"}\nnot json\n')
-    s = ingest_folder(workspace, cohort)
+    s = ingest_folder(workspace, cohort / "dicom")
     assert s.reports_linked == 1
     assert s.quarantined == {"empty_report": 1, "unkeyed_report": 1}
     assert s.reports_pending == 1  # the report for images not ingested yet waits
     assert s.studies_without_report == len(studies) - 1
-    s2 = ingest_folder(workspace, cohort, reports=cohort / "more.jsonl")
+    s2 = ingest_folder(workspace, cohort / "dicom", reports=cohort / "more.jsonl")
     assert s2.quarantined == {"malformed_report": 1}
     assert s2.reports_pending == 2
 
@@ -202,19 +203,19 @@ def _catalog_state(ws_root: Path) -> dict:
 
 def test_resume_after_kill(cohort, tmp_path):
     reference = make_workspace(tmp_path / "reference")
-    assert _rfm("ingest", str(cohort), "-w", str(reference.root)).returncode == 0
+    assert _rfm("ingest", str(cohort / "dicom"), "-w", str(reference.root)).returncode == 0
 
     ws = make_workspace(tmp_path / "killed")
-    killed = _rfm("ingest", str(cohort), "-w", str(ws.root), env_extra={"RFM_FAULT_KILL_AT": "ingest_series:3"})
+    killed = _rfm("ingest", str(cohort / "dicom"), "-w", str(ws.root), env_extra={"RFM_FAULT_KILL_AT": "ingest_series:3"})
     assert killed.returncode == -9, killed.stderr
     with Catalog(ws.catalog_path) as cat:
         assert len(cat.keys_with_status("series", "ingest")) == 3
         assert not cat.keys_with_status("series", "preprocess")
-    resumed = _rfm("ingest", str(cohort), "-w", str(ws.root), env_extra={"RFM_FAULT_KILL_AT": "preprocess_series:2"})
+    resumed = _rfm("ingest", str(cohort / "dicom"), "-w", str(ws.root), env_extra={"RFM_FAULT_KILL_AT": "preprocess_series:2"})
     assert resumed.returncode == -9, resumed.stderr
     with Catalog(ws.catalog_path) as cat:
         assert len(cat.keys_with_status("series", "preprocess")) == 2
-    final = _rfm("ingest", str(cohort), "-w", str(ws.root))
+    final = _rfm("ingest", str(cohort / "dicom"), "-w", str(ws.root))
     assert final.returncode == 0, final.stderr
     assert _catalog_state(ws.root) == _catalog_state(reference.root)
     assert not list(ws.raw.rglob("*.partial")) and not list(ws.quarantine.glob(".incoming-*"))

@@ -17,7 +17,7 @@ from conftest import SMALL_PREPROCESS, ground_truth
 
 
 def test_caches_every_series_and_skips_on_rerun(cohort, workspace):
-    ing = ingest_folder(workspace, cohort)
+    ing = ingest_folder(workspace, cohort / "dicom")
     s = preprocess_workspace(workspace)
     assert s.series_done == ing.series_accepted and s.series_failed == s.series_quarantined == 0
     for npy in workspace.cache.glob("*.npy"):
@@ -31,7 +31,7 @@ def test_caches_every_series_and_skips_on_rerun(cohort, workspace):
 
 
 def test_changed_settings_redo_everything(cohort, workspace):
-    ingest_folder(workspace, cohort)
+    ingest_folder(workspace, cohort / "dicom")
     first = preprocess_workspace(workspace)
     cfg = yaml.safe_load(workspace.config_path.read_text())
     cfg["preprocess"]["hu_clip"] = [-1000, 400]
@@ -41,7 +41,7 @@ def test_changed_settings_redo_everything(cohort, workspace):
 
 
 def test_cache_metadata_has_no_phi(cohort, workspace):
-    ingest_folder(workspace, cohort)
+    ingest_folder(workspace, cohort / "dicom")
     preprocess_workspace(workspace)
     phi = {v for s in ground_truth(cohort)["studies"] for v in s["phi"] if len(str(v)) >= 4}
     phi |= {s["study_instance_uid"] for s in ground_truth(cohort)["studies"]}
@@ -51,14 +51,14 @@ def test_cache_metadata_has_no_phi(cohort, workspace):
 
 def test_undecodable_pixels_are_quarantined_at_preprocess(cohort, workspace):
     """Compressed frames that parse but do not decode pass ingest and are caught by preprocess."""
-    series = sorted({p.parent for p in (cohort / "dicom").rglob("*") if p.is_file()})[0]
+    series = sorted({p.parent for p in (cohort / "dicom").rglob("*") if p.is_file() and p.suffix != ".jsonl"})[0]
     victim = sorted(series.iterdir())[3]
     ds = pydicom.dcmread(victim)
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])  # a J2K marker, then nonsense
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
     ds["PixelData"].VR = "OB"
     ds.save_as(victim, enforce_file_format=True)
-    ing = ingest_folder(workspace, cohort)
+    ing = ingest_folder(workspace, cohort / "dicom")
     assert ing.n_quarantined == 0
     s = preprocess_workspace(workspace)
     assert s.series_quarantined == 1 and s.series_done == ing.series_accepted - 1

@@ -14,7 +14,7 @@ import io
 import json
 import os
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,6 +77,7 @@ class _Image:
     accession: str | None
     patient_id: str | None
     header: SliceHeader
+    already_stored: bool = False  # read back from raw/ to merge with new slices of the same series
 
 
 class _Run:
@@ -323,8 +324,9 @@ def _store_series(run: _Run, study_key: str, series_key: str, study_uid: str, se
         catalog.set_status("series", series_key, STAGE, "done")
     s = run.summary
     s.series_accepted += 1
-    s.files_accepted += len(good)
-    s.bytes_accepted += sum(i[3] for i in instances)
+    new = [(img, len(data)) for _, img, data in good if not img.already_stored]
+    s.files_accepted += len(new)
+    s.bytes_accepted += sum(n for _, n in new)
     s.new_series.append(series_key)
 
 
@@ -338,6 +340,7 @@ def _images_from_raw(ws: Workspace, catalog: Catalog, series_key: str, study_uid
             series_uid=series_uid, modality=str(ds.Modality).upper(),
             accession=str(ds.get("AccessionNumber", "") or "").strip() or None,
             patient_id=str(ds.get("PatientID", "") or "").strip() or None, header=SliceHeader.from_dataset(ds),
+            already_stored=True,
         ))
     return images
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pydicom
 
 BAD_INPUT_KINDS = ("non_dicom", "truncated_file", "missing_slice", "mixed_orientation")
@@ -20,11 +21,18 @@ def _uid(*parts: object) -> str:
 
 
 def _first_series(dicom_dir: Path) -> list[Path]:
-    for folder in sorted(p for p in dicom_dir.rglob("*") if p.is_dir()):
-        files = sorted(f for f in folder.iterdir() if f.is_file())
+    """Files of the first series with 10 or more slices, sorted by position along the slice normal."""
+    for folder in sorted(p for p in dicom_dir.rglob("*") if p.is_dir() and "damaged" not in p.parts):
+        files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix not in (".jsonl", ".csv"))
         if len(files) >= 10:
-            return files
+            return sorted(files, key=_position_along_normal)
     raise FileNotFoundError(f"no series with 10 or more files under {dicom_dir}")
+
+
+def _position_along_normal(path: Path) -> float:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    row, col = np.array(ds.ImageOrientationPatient[:3], float), np.array(ds.ImageOrientationPatient[3:], float)
+    return float(np.dot(np.cross(row, col), np.array(ds.ImagePositionPatient, float)))
 
 
 def _copy_series(files: list[Path], out_dir: Path, tag: str) -> list[pydicom.Dataset]:
@@ -32,7 +40,7 @@ def _copy_series(files: list[Path], out_dir: Path, tag: str) -> list[pydicom.Dat
     out_dir.mkdir(parents=True, exist_ok=True)
     series_uid = None
     copies = []
-    for i, f in enumerate(files):
+    for f in files:
         ds = pydicom.dcmread(f)
         series_uid = series_uid or _uid(tag, ds.SeriesInstanceUID)
         ds.SeriesInstanceUID = series_uid
@@ -44,9 +52,10 @@ def _copy_series(files: list[Path], out_dir: Path, tag: str) -> list[pydicom.Dat
 
 
 def plant_bad_inputs(source: Path, kinds: tuple[str, ...] = BAD_INPUT_KINDS) -> dict[str, str]:
-    """Write damaged copies under source/damaged/; return {kind: folder or file, relative to source}."""
+    """Write damaged copies under source/damaged/ (source: the cohort's dicom/ folder, the one that is
+    ingested); return {kind: file or folder, relative to source}."""
     source = Path(source)
-    files = _first_series(source / "dicom")
+    files = _first_series(source)
     out = source / "damaged"
     planted: dict[str, str] = {}
     if "non_dicom" in kinds:

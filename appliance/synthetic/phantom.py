@@ -210,7 +210,7 @@ class _ChestBuilder:
         return np.isin(self.tissue, [int(t) for t in labels])
 
     def lung_depth_mm(self) -> np.ndarray:
-        """Distance (mm) from each lung voxel to the nearest non-lung voxel (pleura, mediastinum)."""
+        """Distance (mm) from each voxel of the lungs (as first computed) to the nearest non-lung voxel."""
         if self._edt is None:
             lung = self.tissue == Tissue.LUNG
             self._edt = ndimage.distance_transform_edt(lung, sampling=self.spacing[::-1]).astype(np.float32)
@@ -227,17 +227,33 @@ class _ChestBuilder:
         return [round(float(x), 1) for x in np.asarray(rel) + self.center]
 
     def pick_lung_point(self, rng, min_depth_mm: float, where: np.ndarray | None = None):
-        """A random lung voxel (relative mm) at least min_depth_mm from the lung's edge."""
-        ok = self.lung_depth_mm() > min_depth_mm
-        if where is not None:
-            ok &= where
-        idx = np.flatnonzero(ok)
+        """A random lung voxel (relative mm) whose surrounding sphere of min_depth_mm is all lung.
+
+        Rejection sampling against 26 points on the sphere: much cheaper than a distance transform.
+        """
+        lung = self.tissue == Tissue.LUNG
+        cand = lung if where is None else lung & where
+        idx = np.flatnonzero(cand)
         if idx.size == 0:
-            idx = np.flatnonzero(self.tissue == Tissue.LUNG)
+            idx = np.flatnonzero(lung)
         if idx.size == 0:
             return None
-        k, j, i = np.unravel_index(int(rng.choice(idx)), self.shape)
-        return np.array([self.ux[i], self.vy[j], self.wz[k]], dtype=np.float64)
+        dirs = np.array([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)], float)
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+        lo = np.array([self.ux[0], self.vy[0], self.wz[0]])
+        sp = np.asarray(self.spacing)
+        shape_xyz = np.array(self.shape[::-1])
+        best = None
+        for pick in rng.choice(idx, size=min(200, idx.size), replace=False):
+            k, j, i = np.unravel_index(int(pick), self.shape)
+            p = np.array([self.ux[i], self.vy[j], self.wz[k]], dtype=np.float64)
+            best = p if best is None else best
+            q = np.rint((p + dirs * min_depth_mm - lo) / sp).astype(int)
+            if np.any(q < 0) or np.any(q >= shape_xyz):
+                continue
+            if lung[q[:, 2], q[:, 1], q[:, 0]].all():
+                return p
+        return best
 
 
 def _anatomy(rng: np.random.Generator, findings: frozenset[str]) -> dict:
@@ -553,7 +569,7 @@ def _paint_pleural_effusion(B, A, rng):
     severity = str(rng.choice(["small", "moderate", "large"], p=[0.5, 0.35, 0.15]))
     depth = {"small": 0.3, "moderate": 0.5, "large": 0.7}[severity]
     sides = {"right": [-1], "left": [1], "bilateral": [-1, 1]}[side_name]
-    la, lb = A["lung_semi"]
+    lb = A["lung_semi"][1]
     volume = 0.0
     for side in sides:
         _, vn = _lung_frame(B, A, side)
@@ -876,7 +892,6 @@ def make_chest_phantom(
         details["pericardial effusion"] = {"thickness_mm": round(t, 1), "size": "small" if t < 10 else "moderate"}
     for name, painter in _FINDING_PAINTERS.items():
         if name in findings:
-            B._edt = None  # lung shape changes as findings are painted
             details[name] = painter(B, A, derived_rng(fseed, "finding", name))
     np.clip(B.hu, -1024.0, 3071.0, out=B.hu)
     return Phantom(hu=B.hu, spacing_mm=spacing, origin_mm=origin, findings=details, tissue=B.tissue)
