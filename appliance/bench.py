@@ -24,10 +24,10 @@ def _peak_rss_mb() -> float:
     return max(own, kids) / 1024.0  # Linux reports KiB
 
 
-def _measure_ingest(source: str, preprocess: dict | None, workers: int, queue) -> None:
+def _measure_ingest(source: str, preprocess: dict | None, workers: int | None, queue) -> None:
     """Child process: ingest + preprocess one source folder into a throwaway workspace."""
     from appliance.ingest import ingest_folder
-    from appliance.preprocess.stage import preprocess_workspace
+    from appliance.preprocess.stage import preprocess_workspace, worker_count
     from appliance.workspace import init_workspace
 
     with tempfile.TemporaryDirectory(prefix="rfm-bench-") as tmp:
@@ -49,11 +49,12 @@ def _measure_ingest(source: str, preprocess: dict | None, workers: int, queue) -
             "ingest_s": t1 - t0, "preprocess_s": t2 - t1, "total_s": total,
             "series_per_s": ing.series_accepted / total, "slices_per_s": ing.files_accepted / total,
             "mb_per_s": mb / total, "peak_rss_mb": _peak_rss_mb(),
+            "preprocess_workers": worker_count(workers or ws.config().preprocess.workers, ing.series_accepted),
             "preprocess_settings": cfg.get("preprocess", {}),
         })
 
 
-def _run_isolated(source: Path, preprocess: dict | None, workers: int) -> dict:
+def _run_isolated(source: Path, preprocess: dict | None, workers: int | None) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_measure_ingest, args=(str(source), preprocess, workers, queue))
@@ -84,7 +85,7 @@ def _peer_dcm2niix(source: Path, ours_s: float) -> dict:
             "ratio_means": "rfm ingest+preprocess seconds / dcm2niix seconds (>1: rfm slower)"}
 
 
-def bench_ingest(studies: int = 20, real: Path | None = None, workers: int = 1, seed: int = 0) -> dict:
+def bench_ingest(studies: int = 20, real: Path | None = None, workers: int | None = None, seed: int = 0) -> dict:
     """Synthetic cohort (and a real series folder if given) through ingest + preprocess."""
     from appliance.synthetic import generate_cohort
 
@@ -104,6 +105,5 @@ def bench_ingest(studies: int = 20, real: Path | None = None, workers: int = 1, 
         "what": "ingest (read, validate, copy to raw/, catalog) + preprocess (resample, window, fp16 cache)",
         "machine": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                     "cores": mp.cpu_count()},
-        "workers": workers,
         "datasets": datasets,
     }

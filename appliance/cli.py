@@ -133,6 +133,7 @@ def synth(out: Annotated[Path, typer.Argument(help="Folder to write the cohort i
     t.add_row("ground truth", str(summary.ground_truth_path))
     t.add_row("seconds", f"{summary.seconds:.1f}")
     console.print(t)
+    console.print(f"ingest it with: rfm ingest {summary.dicom_dir} -w WORKSPACE")
 
 
 @app.command()
@@ -269,7 +270,7 @@ def demo(directory: Annotated[Path, typer.Option("--dir", help="Folder for the d
 def bench_ingest(studies: Annotated[int, typer.Option(min=1, help="Synthetic studies.")] = 20,
                  out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-ingest.json"),
                  real: Annotated[Optional[Path], typer.Option(help="Real DICOM series folder to measure too.")] = None,
-                 workers: Annotated[int, typer.Option(min=1, help="Preprocess workers.")] = 1) -> None:
+                 workers: Annotated[Optional[int], typer.Option(min=1, help="Preprocess workers (default: one per core).")] = None) -> None:
     """ingest + preprocess throughput (series/s, slices/s, MB/s), peak RSS, and dcm2niix as a peer."""
     from appliance.bench import bench_ingest as run
 

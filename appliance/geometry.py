@@ -235,8 +235,11 @@ def analyze_stack(
                 code="duplicate_slice",
             )
 
-    _check_instance_number_run([headers[i].instance_number for i in order], n)
     _check_gap_holes(gaps, n)
+    if not _regular(gaps):
+        # Positions alone cannot show a hole in an unevenly spaced stack; the numbering can. In a
+        # regular stack the gap rule has spoken and a numbering hole is a scanner quirk, not a loss.
+        _check_instance_number_run([headers[i].instance_number for i in order], n)
 
     tilt_deg, uneven = 0.0, False
     if n > 1:
@@ -281,6 +284,13 @@ def _check_instance_number_run(numbers: list[int | None], n: int) -> None:
                 f"{i + 2} of {n} (sorted along the slice normal) where steps of {usual} are usual",
                 code="missing_slice",
             )
+
+
+def _regular(gaps: np.ndarray) -> bool:
+    if len(gaps) == 0:
+        return True
+    median_gap = float(np.median(gaps))
+    return bool(np.all(np.abs(gaps - median_gap) <= REGULAR_GAP_TOL_REL * median_gap))
 
 
 def _check_gap_holes(gaps: np.ndarray, n: int) -> None:

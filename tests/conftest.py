@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,12 @@ import yaml
 
 from appliance.workspace import init_workspace
 
-REAL_GE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "dcm_qa_ct_GE"
+# Prefect, when a test imports it, keeps its state in a throwaway folder and sends nothing anywhere.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="rfm-test-prefect-"))
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+GE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "dcm_qa_ct_GE"
 SMALL_PREPROCESS = {"spacing_mm": [6.0, 6.0, 8.0], "canvas": [64, 64, 40], "workers": 1}
 
 

@@ -173,3 +173,18 @@ def test_malformed_geometry_is_missing_geometry():
 def test_header_round_trips_through_dict():
     header = ge_headers()[3]
     assert SliceHeader.from_dict(header.to_dict()) == header
+
+
+def test_numbering_hole_in_a_regular_stack_is_a_quirk_not_a_loss():
+    """Positions 2 mm apart without a hole: an InstanceNumber jump (scanner numbering) is accepted."""
+    numbers = [1, 2, 3, 4, 6, 7, 8, 9]
+    geometry = analyze_stack(axial_headers([2.0 * i for i in range(8)], instance_numbers=numbers))
+    assert geometry.n_slices == 8 and not geometry.uneven_spacing
+
+
+def test_numbering_hole_in_an_uneven_stack_is_missing_slice():
+    z = [0, 4, 8, 12, 13, 20, 27, 34]  # GE-like: thickness changes mid-series
+    numbers = [1, 2, 3, 4, 5, 6, 8, 9]
+    with pytest.raises(GeometryError) as e:
+        analyze_stack(axial_headers(z, instance_numbers=numbers))
+    assert e.value.code == "missing_slice"

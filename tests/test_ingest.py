@@ -221,3 +221,43 @@ def test_resume_after_kill(cohort, tmp_path):
     assert not list(ws.raw.rglob("*.partial")) and not list(ws.quarantine.glob(".incoming-*"))
     assert sorted(p.name for p in ws.cache.glob("*.npy")) and len(list(ws.cache.glob("*.npy"))) == len(
         list(reference.cache.glob("*.npy")))
+
+
+def test_compressed_series_are_ingested_and_decode_to_the_same_volume(cohort, tmp_path):
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    from appliance.preprocess import load_cached_volume
+    from appliance.preprocess.stage import preprocess_workspace
+
+    plain = make_workspace(tmp_path / "plain")
+    ingest_folder(plain, cohort / "dicom")
+    preprocess_workspace(plain)
+    for series, syntax in zip(_series_dirs(cohort)[:2], (RLELossless, JPEG2000Lossless)):
+        for f in series.iterdir():
+            ds = pydicom.dcmread(f)
+            ds.compress(syntax)
+            ds.save_as(f, enforce_file_format=True)
+    packed = make_workspace(tmp_path / "packed")
+    s = ingest_folder(packed, cohort / "dicom")
+    assert s.n_quarantined == 0
+    assert preprocess_workspace(packed).series_quarantined == 0
+    # cache file names are per-site keys, so compare the volumes as sorted sets
+    volumes_plain = sorted(load_cached_volume(p)[0].tobytes() for p in plain.cache.glob("*.npy"))
+    volumes_packed = sorted(load_cached_volume(p)[0].tobytes() for p in packed.cache.glob("*.npy"))
+    assert volumes_plain == volumes_packed
+
+
+def test_dicomdir_media_is_read_and_its_index_skipped(cohort, workspace, tmp_path):
+    """A CD/DVD-style export (DICOMDIR + IHE folder names) written by pydicom's FileSet."""
+    from pydicom.fileset import FileSet
+
+    series = _series_dirs(cohort)[0]
+    media = tmp_path / "media"
+    fs = FileSet()
+    for f in sorted(series.iterdir()):
+        fs.add(pydicom.dcmread(f))
+    fs.write(media)
+    assert (media / "DICOMDIR").is_file()
+    s = ingest_folder(workspace, media)
+    assert s.series_accepted == 1 and s.files_accepted == len(list(series.iterdir()))
+    assert s.skipped == {"dicomdir_index": 1} and s.n_quarantined == 0

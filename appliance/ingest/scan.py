@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 REPORT_SIDECARS = ("reports.jsonl", "reports.csv")
 _IGNORED_NAMES = {"Thumbs.db", ".DS_Store", "desktop.ini"}
@@ -34,6 +36,12 @@ class SourceFile:
             return self.path.read_bytes()
         with zipfile.ZipFile(self.path) as zf:
             return zf.read(self.zip_member)
+
+    def open(self) -> BinaryIO:
+        """A binary file object; a plain file is read lazily (header-only reads stay cheap)."""
+        if self.zip_member is None:
+            return self.path.open("rb")
+        return io.BytesIO(self.read_bytes())
 
     def size(self) -> int:
         if self.zip_member is None:

@@ -180,11 +180,10 @@ class _Skip(Exception):
 
 def _classify(src: SourceFile, modalities: tuple[str, ...]) -> _Image:
     try:
-        data = src.read_bytes()
+        with src.open() as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
     except OSError as exc:
         raise BadInputError(f"file cannot be read ({exc.strerror or type(exc).__name__})", "unreadable") from None
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     except InvalidDicomError:
         raise BadInputError("not a DICOM file (no DICM marker or file meta)", "not_dicom") from None
     except Exception as exc:  # pydicom raises many types on damaged headers

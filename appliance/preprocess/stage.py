@@ -7,7 +7,6 @@ site.yaml's preprocess section or re-ingesting a series redoes exactly what is a
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -18,6 +17,7 @@ from appliance.catalog import Catalog, SeriesRow
 from appliance.config import PreprocessSection
 from appliance.errors import BadInputError
 from appliance.faults import checkpoint
+from appliance.hardware import visible_cpu_count
 from appliance.preprocess import PreprocessSettings, preprocess_series
 from appliance.progress import Progress, SilentProgress
 from appliance.quarantine import quarantine_item
@@ -50,8 +50,8 @@ def settings_from_config(section: PreprocessSection) -> PreprocessSettings:
 
 
 def worker_count(requested: int, n_items: int) -> int:
-    cores = os.cpu_count() or 1
-    n = requested if requested > 0 else min(cores, 8)
+    """`requested` workers, or one per usable core (at most 8) when 0; never more than items."""
+    n = requested if requested > 0 else min(visible_cpu_count(), 8)
     return max(1, min(n, n_items))
 
 

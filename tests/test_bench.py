@@ -1,0 +1,25 @@
+"""`rfm bench ingest` writes the figures it prints (no timing is asserted)."""
+
+import json
+
+from appliance.cli import main
+from conftest import GE_DIR  # the real series, when ../shared is beside the checkout
+
+
+def test_bench_ingest_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "ingest", "--studies", "2", "--out", str(out), "--workers", "1"]
+    if GE_DIR.is_dir():
+        args += ["--real", str(GE_DIR)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["stage"] == "ingest"
+    synthetic = result["datasets"]["synthetic-2"]
+    for key in ("series_per_s", "slices_per_s", "mb_per_s", "peak_rss_mb", "ingest_s", "preprocess_s"):
+        assert synthetic[key] > 0
+    assert synthetic["series"] == synthetic["cached"] >= 2
+    peer = synthetic["peer_dcm2niix"]
+    assert "ratio" in peer or "skipped" in peer
+    if GE_DIR.is_dir():
+        assert result["datasets"][f"real:{GE_DIR.name}"]["slices"] == 28
+    assert "rfm bench ingest" in capsys.readouterr().out
