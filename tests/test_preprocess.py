@@ -506,3 +506,137 @@ def test_corrupt_compressed_pixels_are_bad_input(tmp_path):
     assert info.value.code == "undecodable_pixels"
     assert "\n" not in info.value.reason
     print("undecodable reason:", info.value.reason)
+
+
+# ----------------------------------------------------------------------------------------- axis-aligned fast path
+
+
+def synthetic_stack(
+    orientation,
+    *,
+    n_slices: int = 14,
+    rows: int = 40,
+    cols: int = 48,
+    pixel_spacing=(1.1, 0.8),
+    gaps_mm=None,
+    jitter_mm: float = 0.0,
+    shear_mm: float = 0.0,
+    thickness: float | None = 2.5,
+    seed: int = 0,
+):
+    """A SeriesStack built straight from headers (no files): random tissue with sharp edges, HU >= -950.
+
+    ``gaps_mm`` are distances along the normal (default 2.5 mm); ``jitter_mm`` moves each slice's IPP randomly
+    within its plane; ``shear_mm`` moves it by that much along the row direction per slice (a sheared stack).
+    Slices are handed to analyze_stack in reverse order so that the sort is exercised.
+    """
+    from appliance.geometry import SliceHeader, analyze_stack
+    from appliance.preprocess.series import SeriesStack
+
+    rng = np.random.default_rng(seed)
+    row_dir, col_dir = np.array(orientation[:3], float), np.array(orientation[3:], float)
+    normal = np.cross(row_dir, col_dir)
+    gaps = list(gaps_mm) if gaps_mm is not None else [2.5] * (n_slices - 1)
+    offsets = np.concatenate([[0.0], np.cumsum(gaps)])
+    start = np.array([-20.0, 13.0, -7.0]) - (cols - 1) / 2 * pixel_spacing[1] * row_dir
+    start -= (rows - 1) / 2 * pixel_spacing[0] * col_dir + offsets[-1] / 2 * normal
+    headers, planes = [], []
+    for k, offset in enumerate(offsets):
+        in_plane = rng.uniform(-jitter_mm, jitter_mm, 2) if jitter_mm else np.zeros(2)
+        position = start + offset * normal + (in_plane[0] + k * shear_mm) * row_dir + in_plane[1] * col_dir
+        headers.append(
+            SliceHeader(
+                sop_instance_uid=f"1.2.3.{k}",
+                instance_number=k + 1,
+                position=tuple(float(v) for v in position),
+                orientation=tuple(float(v) for v in orientation),
+                pixel_spacing=tuple(pixel_spacing),
+                rows=rows,
+                cols=cols,
+                slice_thickness=thickness,
+            )
+        )
+        smooth = ndimage.gaussian_filter(rng.normal(0.0, 400.0, (rows, cols)), 2.0)
+        edges = np.where(rng.random((rows, cols)) < 0.1, 600.0, 0.0)
+        planes.append(np.clip(smooth * 4 + edges, -950.0, 900.0).astype(np.float32))
+    headers, planes = headers[::-1], planes[::-1]
+    geometry = analyze_stack(headers)
+    return SeriesStack(
+        hu=np.stack([planes[i] for i in geometry.order]),
+        geometry=geometry,
+        positions_mm=np.array([headers[i].position for i in geometry.order], dtype=np.float64),
+        thickness_mm=tuple(headers[i].slice_thickness for i in geometry.order),
+    )
+
+
+AXIAL = (1, 0, 0, 0, 1, 0)
+FAST_PATH_CASES = {
+    "axial": {"orientation": AXIAL},
+    "axial_feet_first": {"orientation": (-1, 0, 0, 0, 1, 0)},
+    "axial_uneven_no_thickness": {
+        "orientation": AXIAL, "gaps_mm": [1.0, 3.0, 2.0, 4.5, 1.5, 2.5] * 2, "thickness": None
+    },
+    "axial_jitter": {"orientation": AXIAL, "jitter_mm": 1.7},
+    "axial_sheared": {"orientation": AXIAL, "shear_mm": 0.9},
+    "axial_rows_along_y": {"orientation": (0, -1, 0, 1, 0, 0)},
+    "axial_flipped_rows": {"orientation": (-1, 0, 0, 0, -1, 0), "jitter_mm": 0.6},
+    "coronal": {"orientation": (1, 0, 0, 0, 0, -1), "gaps_mm": [2.0, 3.5, 2.0, 1.0] * 3},
+    "sagittal": {"orientation": (0, 1, 0, 0, 0, -1)},
+    "sagittal_flipped": {"orientation": (0, -1, 0, 0, 0, 1), "jitter_mm": 1.0},
+    "one_row": {"orientation": AXIAL, "n_slices": 3, "rows": 1, "cols": 30, "pixel_spacing": (4.0, 0.8)},
+}
+FAST_PATH_SETTINGS = {
+    # Coarser than the source in-plane: antialiasing applies.
+    "antialias_pads": PreprocessSettings(spacing_mm=(2.0, 1.9, 1.7), canvas=(40, 36, 30)),
+    "no_antialias_pads": PreprocessSettings(spacing_mm=(2.0, 1.9, 1.7), canvas=(40, 36, 30), antialias=False),
+    "antialias_crops": PreprocessSettings(spacing_mm=(1.7, 2.5, 3.0), canvas=(17, 13, 9)),
+    "fine_crops": PreprocessSettings(spacing_mm=(0.7, 0.6, 0.9), canvas=(31, 37, 23), antialias=False),
+}
+
+
+@pytest.mark.parametrize("settings_name", sorted(FAST_PATH_SETTINGS))
+@pytest.mark.parametrize("case", sorted(FAST_PATH_CASES))
+def test_axis_aligned_fast_path_matches_general_path(case, settings_name):
+    stack = synthetic_stack(**FAST_PATH_CASES[case], seed=len(case))
+    settings = FAST_PATH_SETTINGS[settings_name]
+    fast, fast_meta = resample_to_canvas(stack, settings)
+    general, general_meta = resample_to_canvas(stack, settings, _force_general=True)
+    assert fast_meta.pop("resample_path") == "axis_aligned"
+    assert general_meta.pop("resample_path") == "general"
+    assert fast.shape == general.shape == tuple(settings.canvas[::-1]) and fast.dtype == np.float32
+    # Acquired values map above -0.95 > pad (-1), so pad marks exactly the voxels outside the acquired region.
+    pad = settings.pad_value
+    np.testing.assert_array_equal(fast == pad, general == pad)
+    assert 0 < (general != pad).mean() <= 1
+    np.testing.assert_allclose(fast, general, rtol=0, atol=1e-4)
+    assert fast_meta == general_meta  # coverage, extents, crop flags, antialias sigmas
+
+
+def test_axis_aligned_path_is_used_within_tolerance_only():
+    """Direction cosines a hair off the axes still take the fast path (and agree); a real obliquity does not."""
+    settings = FAST_PATH_SETTINGS["antialias_pads"]
+    near = synthetic_stack((1, 2e-7, 0, -2e-7, 1, 0))
+    fast, meta = resample_to_canvas(near, settings)
+    general, _ = resample_to_canvas(near, settings, _force_general=True)
+    assert meta["resample_path"] == "axis_aligned"
+    np.testing.assert_array_equal(fast == settings.pad_value, general == settings.pad_value)
+    np.testing.assert_allclose(fast, general, rtol=0, atol=1e-4)
+    tilt = math.radians(5.0)
+    oblique = synthetic_stack((1, 0, 0, 0, math.cos(tilt), -math.sin(tilt)))
+    assert resample_to_canvas(oblique, settings)[1]["resample_path"] == "general"
+
+
+def test_ge_tilted_series_takes_general_path(ge_volume):
+    _, meta = ge_volume
+    assert meta["resample_path"] == "general"
+
+
+def test_tilted_sphere_takes_general_path_and_axial_sphere_fast_path(tmp_path):
+    settings = PreprocessSettings(spacing_mm=(2.0, 2.0, 2.0), canvas=(40, 40, 40))
+    tilted = load_series(write_sphere_series(tmp_path / "tilted", tilt_deg=12.0, n_slices=8, size=48))
+    assert resample_to_canvas(tilted, settings)[1]["resample_path"] == "general"
+    axial = load_series(write_sphere_series(tmp_path / "axial", n_slices=8, size=48))
+    fast, meta = resample_to_canvas(axial, settings)
+    general, _ = resample_to_canvas(axial, settings, _force_general=True)
+    assert meta["resample_path"] == "axis_aligned"
+    np.testing.assert_allclose(fast, general, rtol=0, atol=1e-4)
