@@ -141,9 +141,10 @@ def ingest(source: Annotated[Path, typer.Argument(help="Folder of DICOM files (a
            workspace: WorkspaceOpt = Path("."),
            reports: Annotated[Optional[Path], typer.Option(help="Report sidecar (JSONL/CSV).")] = None,
            force: Annotated[bool, typer.Option("--force", help="Redo series already ingested.")] = False,
-           preprocess: Annotated[Optional[bool], typer.Option("--preprocess/--no-preprocess",
-                                                              help="Override ingest.preprocess_after_ingest.")] = None) -> None:
-    """Ingest DICOM studies and their reports; quarantine bad input; then preprocess new series."""
+           then: Annotated[Optional[bool], typer.Option(
+               "--continue/--ingest-only",
+               help="De-identify and preprocess afterwards (default: ingest.deid_and_preprocess).")] = None) -> None:
+    """Ingest DICOM studies and their reports; quarantine bad input; then de-identify and preprocess."""
     from appliance.ingest import ingest_folder
     from appliance.workspace import open_workspace
 
@@ -151,8 +152,70 @@ def ingest(source: Annotated[Path, typer.Argument(help="Folder of DICOM files (a
     with progress_bars() as bars:
         summary = ingest_folder(ws, source, reports=reports, force=force, progress=RichProgress(bars))
     print_ingest_summary(summary.to_dict())
-    if preprocess if preprocess is not None else ws.config().ingest.preprocess_after_ingest:
-        _preprocess(ws, force=force, workers=None)
+    if then if then is not None else ws.config().ingest.deid_and_preprocess:
+        _deid(ws, force=False)
+        _preprocess(ws, force=False, workers=None)
+
+
+deid_app = typer.Typer(no_args_is_help=False, invoke_without_command=True,
+                       help="De-identify ingested series and reports (rfm deid), or audit the output (rfm deid audit).")
+app.add_typer(deid_app, name="deid")
+
+
+@deid_app.callback()
+def deid(ctx: typer.Context, workspace: WorkspaceOpt = Path("."),
+         force: Annotated[bool, typer.Option("--force", help="Redo what is already de-identified.")] = False) -> None:
+    """De-identify every ingested series and report (Annex E profile, pixels, report text), audited."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from appliance.workspace import open_workspace
+
+    _deid(open_workspace(workspace), force=force)
+
+
+def _deid(ws, force: bool) -> None:
+    from appliance.deid.stage import deidentify_workspace
+
+    with progress_bars() as bars:
+        summary = deidentify_workspace(ws, force=force, progress=RichProgress(bars))
+    print_deid_summary(summary.to_dict())
+
+
+@deid_app.command("audit")
+def deid_audit(directory: Annotated[Optional[Path], typer.Argument(help="Folder to scan (default: the workspace's deid/).")] = None,
+               workspace: WorkspaceOpt = Path(".")) -> None:
+    """Re-scan de-identified output byte-wise for every removed value and PHI pattern; exit 1 on any hit."""
+    from appliance.deid.stage import audit_output
+    from appliance.workspace import open_workspace
+
+    ws = open_workspace(workspace)
+    with progress_bars() as bars:
+        report = audit_output(ws, directory, progress=RichProgress(bars))
+    t = Table(title="De-identification audit", show_header=False)
+    t.add_row("files scanned", str(report.files_scanned))
+    t.add_row("files with hits", str(report.files_with_hits))
+    console.print(t)
+    if not report.clean:
+        h = Table(title="Hits (values are never shown; the hash tells equal values apart)")
+        for col in ("file", "kind", "encoding", "value hash"):
+            h.add_column(col)
+        for hit in report.hits[:50]:
+            h.add_row(hit["file"], hit["kind"], hit["encoding"], hit["value_hash"])
+        console.print(h)
+        raise ApplianceError(f"audit failed: {len(report.hits)} hit(s) in {report.files_with_hits} file(s)")
+    console.print("[green]audit clean[/green]: no removed value or PHI pattern found")
+
+
+def print_deid_summary(s: dict) -> None:
+    t = Table(title="De-identify", show_header=False)
+    t.add_row("series written", f"{s['series_done']} ({s['files_written']} files, "
+                                f"{s['files_pixels_cleaned']} with burned-in text blanked)")
+    t.add_row("already done", str(s["series_skipped"]))
+    t.add_row("quarantined for review", f"{s['series_quarantined']} series, {s['reports_quarantined']} reports")
+    t.add_row("reports written", f"{s['reports_done']} ({s['reports_skipped']} already done)")
+    t.add_row("audit hits", str(s["audit_hits"]))
+    t.add_row("seconds", f"{s['seconds']:.1f}")
+    console.print(t)
 
 
 @app.command("preprocess")
@@ -192,6 +255,7 @@ def print_preprocess_summary(s: dict) -> None:
     t.add_row("already cached", str(s["series_skipped"]))
     t.add_row("quarantined", str(s["series_quarantined"]))
     t.add_row("failed (re-run to retry)", str(s["series_failed"]))
+    t.add_row("waiting for de-identification", str(s["series_waiting_for_deid"]))
     t.add_row("seconds", f"{s['seconds']:.1f}")
     console.print(t)
 
@@ -256,6 +320,7 @@ def demo(directory: Annotated[Path, typer.Option("--dir", help="Folder for the d
         finally:
             set_default_progress(None)
     print_ingest_summary(result["stages"]["ingest"])
+    print_deid_summary(result["stages"]["deid"])
     print_preprocess_summary(result["stages"]["preprocess"])
     t = Table(title="Demo")
     for col in ("stage", "result", "seconds"):
@@ -287,6 +352,32 @@ def bench_ingest(studies: Annotated[int, typer.Option(min=1, help="Synthetic stu
                   f"{r['mb_per_s']:.1f}", f"{r['peak_rss_mb']:.0f}",
                   f"{peer['seconds']:.2f}" if peer.get("seconds") is not None else "-",
                   f"{peer['ratio']:.2f}x" if peer.get("ratio") is not None else peer.get("skipped", "-"))
+    console.print(t)
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"written to {out}")
+
+
+@bench_app.command("deid")
+def bench_deid_cmd(studies: Annotated[int, typer.Option(min=1, help="Synthetic studies.")] = 20,
+                   out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-deid.json"),
+                   real: Annotated[Optional[Path], typer.Option(help="Real DICOM folder to measure too.")] = None) -> None:
+    """De-identification files/s and MB/s, with dicognito on the same files as the peer."""
+    from appliance.bench import bench_deid
+
+    with console.status("benchmarking de-identification ..."):
+        result = bench_deid(studies=studies, real=real)
+    t = Table(title="rfm bench deid")
+    for col in ("dataset", "files", "MB", "full stage files/s", "full MB/s", "headers files/s", "dicognito files/s",
+                "headers vs dicognito", "full vs dicognito", "peak RSS MB"):
+        t.add_column(col)
+    fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
+    for name, r in result["datasets"].items():
+        peer = r["peer_dicognito"]
+        t.add_row(name, str(r["files"]), f"{r['mb']:.1f}", fmt(r["full_stage"]["files_per_s"]),
+                  fmt(r["full_stage"]["mb_per_s"]), fmt(r["headers_only"]["files_per_s"]),
+                  fmt(peer.get("files_per_s")) if "files_per_s" in peer else peer.get("skipped", "-"),
+                  fmt(r["ratio_headers_only_vs_dicognito"], "{:.2f}x"), fmt(r["ratio_full_stage_vs_dicognito"], "{:.2f}x"),
+                  f"{r['peak_rss_mb']:.0f}")
     console.print(t)
     out.write_text(json.dumps(result, indent=2))
     console.print(f"written to {out}")

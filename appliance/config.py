@@ -33,7 +33,7 @@ class IngestSection(_Section):
     reports: Path | None = None
     read_zip: bool = True
     min_slices: int = Field(default=10, ge=1)
-    preprocess_after_ingest: bool = True
+    deid_and_preprocess: bool = True
 
 
 class PreprocessSection(_Section):
@@ -65,6 +65,19 @@ class PreprocessSection(_Section):
         return v
 
 
+class DeidSection(_Section):
+    key_file: Path = Path("secrets/deid.key")
+    retain_longitudinal_modified_dates: bool = True
+    retain_patient_characteristics: bool = True
+    retain_device_identity: bool = True
+    clean_descriptors: bool = True
+    clean_pixel_data: bool = True
+    retain_safe_private: bool = False
+    pixel_filters: Path | None = None
+    ocr: Literal["auto", "on", "off"] = "auto"
+    report_backend: Literal["rules", "presidio"] = "rules"
+
+
 class ComputeSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -77,6 +90,7 @@ class WorkflowSection(_Section):
 class SiteConfig(_Section):
     site: SiteSection = SiteSection()
     ingest: IngestSection = IngestSection()
+    deid: DeidSection = DeidSection()
     preprocess: PreprocessSection = PreprocessSection()
     compute: ComputeSection = ComputeSection()
     workflow: WorkflowSection = WorkflowSection()

@@ -70,7 +70,15 @@ def init_workspace(root: Path, site_name: str | None = None) -> Workspace:
     if not cfg.exists():
         cfg.write_text(template_text(site_name or root.name.replace(" ", "-") or "my-site"))
     ws = Workspace(root)
-    ws.config()  # fail early on an invalid existing site.yaml
+    key_file = ws.config().deid.key_file  # also fails early on an invalid existing site.yaml
+    if not key_file.is_absolute():
+        key_file = root / key_file
+    if not key_file.exists():
+        from appliance.deid.keys import DeidKeys
+
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(key_file.parent, 0o700)
+        DeidKeys.generate(key_file)
     Catalog(ws.catalog_path).close()
     return ws
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from appliance.deid.stage import deidentify_workspace
 from appliance.ingest import ingest_folder
 from appliance.preprocess.stage import preprocess_workspace
 from appliance.progress import LogProgress, default_progress
@@ -39,6 +40,12 @@ def ingest_task(workspace: str, source: str, force: bool = False) -> dict:
     return ingest_folder(ws, Path(source), force=force, progress=_progress()).to_dict()
 
 
+@task(name="deid", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def deid_task(workspace: str, force: bool = False) -> dict:
+    ws = open_workspace(workspace)
+    return deidentify_workspace(ws, force=force, progress=_progress()).to_dict()
+
+
 @task(name="preprocess", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
 def preprocess_task(workspace: str, force: bool = False) -> dict:
     ws = open_workspace(workspace)
@@ -47,11 +54,12 @@ def preprocess_task(workspace: str, force: bool = False) -> dict:
 
 @flow(name="site-pipeline", log_prints=False)
 def site_pipeline(workspace: str, source: str | None = None, force: bool = False) -> dict:
-    """Ingest (when a source folder is given) then preprocess; returns each stage's summary."""
+    """Ingest (when a source folder is given), de-identify, preprocess; returns each stage's summary."""
     cfg = open_workspace(workspace).config().workflow
     retry = {"retries": cfg.task_retries, "retry_delay_seconds": cfg.retry_delay_s}
     results: dict[str, dict] = {}
     if source is not None:
         results["ingest"] = ingest_task.with_options(**retry)(workspace, source, force)
+    results["deid"] = deid_task.with_options(**retry)(workspace, force)
     results["preprocess"] = preprocess_task.with_options(**retry)(workspace, force)
     return results

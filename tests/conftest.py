@@ -48,6 +48,9 @@ def make_workspace(root: Path, **sections) -> "Workspace":  # noqa: F821
     ws = init_workspace(root)
     cfg = yaml.safe_load(ws.config_path.read_text()) or {}
     cfg.setdefault("preprocess", {}).update(SMALL_PREPROCESS)
+    # the synthetic burned-in text is found by the pixel detector; OCR (when tesseract is installed)
+    # is exercised by tests/test_deid_pixels.py, not on every stage test
+    cfg.setdefault("deid", {})["ocr"] = "off"
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     ws.config_path.write_text(yaml.safe_dump(cfg))

@@ -23,3 +23,18 @@ def test_bench_ingest_writes_json(tmp_path, capsys):
     if GE_DIR.is_dir():
         assert result["datasets"][f"real:{GE_DIR.name}"]["slices"] == 28
     assert "rfm bench ingest" in capsys.readouterr().out
+
+
+def test_bench_deid_writes_json_with_the_peer(tmp_path, capsys):
+    out = tmp_path / "bench-deid.json"
+    assert main(["bench", "deid", "--studies", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    r = result["datasets"]["synthetic-2"]
+    assert r["files"] > 0 and r["full_stage"]["files_per_s"] > 0 and r["headers_only"]["files_per_s"] > 0
+    assert r["full_stage"]["quarantined"] == 0
+    peer = r["peer_dicognito"]
+    if "files_per_s" in peer:
+        assert r["ratio_headers_only_vs_dicognito"] > 0
+    else:
+        assert peer["skipped"]
+    assert "rfm bench deid" in capsys.readouterr().out

@@ -23,8 +23,11 @@ def test_demo_runs_the_flow_and_writes_the_summary(tmp_path):
     assert ing["series_accepted"] == summary["cohort"]["series"]
     assert set(ing["quarantined"]) == {"not_dicom", "truncated", "incomplete_series", "missing_slice",
                                        "mixed_orientation"}
+    deid = summary["stages"]["deid"]
+    assert deid["series_done"] == ing["series_accepted"] and deid["audit_hits"] == 0
+    assert deid["reports_done"] == summary["cohort"]["studies"]
     assert pre["series_done"] == ing["series_accepted"]
-    assert [r["stage"] for r in summary["table"]] == ["synthesise", "ingest", "preprocess", "total"]
+    assert [r["stage"] for r in summary["table"]] == ["synthesise", "ingest", "deid", "preprocess", "total"]
     for word in ("Demo", "ingest", "preprocess", "quarantined"):
         assert word in proc.stdout
     # nothing identifying in what the operator sees

@@ -211,6 +211,10 @@ def test_resume_after_kill(cohort, tmp_path):
     with Catalog(ws.catalog_path) as cat:
         assert len(cat.keys_with_status("series", "ingest")) == 3
         assert not cat.keys_with_status("series", "preprocess")
+    resumed = _rfm("ingest", str(cohort / "dicom"), "-w", str(ws.root), env_extra={"RFM_FAULT_KILL_AT": "deid_series:2"})
+    assert resumed.returncode == -9, resumed.stderr
+    with Catalog(ws.catalog_path) as cat:
+        assert len(cat.keys_with_status("series", "deid")) == 2
     resumed = _rfm("ingest", str(cohort / "dicom"), "-w", str(ws.root), env_extra={"RFM_FAULT_KILL_AT": "preprocess_series:2"})
     assert resumed.returncode == -9, resumed.stderr
     with Catalog(ws.catalog_path) as cat:
@@ -219,6 +223,7 @@ def test_resume_after_kill(cohort, tmp_path):
     assert final.returncode == 0, final.stderr
     assert _catalog_state(ws.root) == _catalog_state(reference.root)
     assert not list(ws.raw.rglob("*.partial")) and not list(ws.quarantine.glob(".incoming-*"))
+    assert not list(ws.deid.glob("*/.staging-*"))
     assert sorted(p.name for p in ws.cache.glob("*.npy")) and len(list(ws.cache.glob("*.npy"))) == len(
         list(reference.cache.glob("*.npy")))
 
@@ -226,11 +231,13 @@ def test_resume_after_kill(cohort, tmp_path):
 def test_compressed_series_are_ingested_and_decode_to_the_same_volume(cohort, tmp_path):
     from pydicom.uid import JPEG2000Lossless, RLELossless
 
+    from appliance.deid.stage import deidentify_workspace
     from appliance.preprocess import load_cached_volume
     from appliance.preprocess.stage import preprocess_workspace
 
     plain = make_workspace(tmp_path / "plain")
     ingest_folder(plain, cohort / "dicom")
+    deidentify_workspace(plain)
     preprocess_workspace(plain)
     for series, syntax in zip(_series_dirs(cohort)[:2], (RLELossless, JPEG2000Lossless)):
         for f in series.iterdir():
@@ -240,7 +247,8 @@ def test_compressed_series_are_ingested_and_decode_to_the_same_volume(cohort, tm
     packed = make_workspace(tmp_path / "packed")
     s = ingest_folder(packed, cohort / "dicom")
     assert s.n_quarantined == 0
-    assert preprocess_workspace(packed).series_quarantined == 0
+    assert deidentify_workspace(packed).series_quarantined == 0
+    assert preprocess_workspace(packed).series_done == s.series_accepted
     # cache file names are per-site keys, so compare the volumes as sorted sets
     volumes_plain = sorted(load_cached_volume(p)[0].tobytes() for p in plain.cache.glob("*.npy"))
     volumes_packed = sorted(load_cached_volume(p)[0].tobytes() for p in packed.cache.glob("*.npy"))

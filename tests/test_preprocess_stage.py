@@ -11,13 +11,23 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
 from appliance.catalog import Catalog
+from appliance.deid.stage import deidentify_workspace
 from appliance.ingest import ingest_folder
 from appliance.preprocess.stage import preprocess_workspace
 from conftest import SMALL_PREPROCESS, ground_truth
 
 
+def _ingest_and_deid(workspace, cohort):
+    ing = ingest_folder(workspace, cohort / "dicom")
+    deidentify_workspace(workspace)
+    return ing
+
+
 def test_caches_every_series_and_skips_on_rerun(cohort, workspace):
     ing = ingest_folder(workspace, cohort / "dicom")
+    waiting = preprocess_workspace(workspace)
+    assert waiting.series_done == 0 and waiting.series_waiting_for_deid == ing.series_accepted
+    deidentify_workspace(workspace)
     s = preprocess_workspace(workspace)
     assert s.series_done == ing.series_accepted and s.series_failed == s.series_quarantined == 0
     for npy in workspace.cache.glob("*.npy"):
@@ -31,7 +41,7 @@ def test_caches_every_series_and_skips_on_rerun(cohort, workspace):
 
 
 def test_changed_settings_redo_everything(cohort, workspace):
-    ingest_folder(workspace, cohort / "dicom")
+    _ingest_and_deid(workspace, cohort)
     first = preprocess_workspace(workspace)
     cfg = yaml.safe_load(workspace.config_path.read_text())
     cfg["preprocess"]["hu_clip"] = [-1000, 400]
@@ -41,7 +51,7 @@ def test_changed_settings_redo_everything(cohort, workspace):
 
 
 def test_cache_metadata_has_no_phi(cohort, workspace):
-    ingest_folder(workspace, cohort / "dicom")
+    _ingest_and_deid(workspace, cohort)
     preprocess_workspace(workspace)
     phi = {v for s in ground_truth(cohort)["studies"] for v in s["phi"] if len(str(v)) >= 4}
     phi |= {s["study_instance_uid"] for s in ground_truth(cohort)["studies"]}
@@ -49,8 +59,9 @@ def test_cache_metadata_has_no_phi(cohort, workspace):
     assert not [v for v in phi if v in text]
 
 
-def test_undecodable_pixels_are_quarantined_at_preprocess(cohort, workspace):
-    """Compressed frames that parse but do not decode pass ingest and are caught by preprocess."""
+def test_undecodable_pixels_are_quarantined_before_training(cohort, workspace):
+    """Compressed frames that parse but do not decode pass ingest; de-identification cannot check them
+    for burned-in text, so the series is quarantined there and never reaches the cache."""
     series = sorted({p.parent for p in (cohort / "dicom").rglob("*") if p.is_file() and p.suffix != ".jsonl"})[0]
     victim = sorted(series.iterdir())[3]
     ds = pydicom.dcmread(victim)
@@ -60,9 +71,11 @@ def test_undecodable_pixels_are_quarantined_at_preprocess(cohort, workspace):
     ds.save_as(victim, enforce_file_format=True)
     ing = ingest_folder(workspace, cohort / "dicom")
     assert ing.n_quarantined == 0
+    deid = deidentify_workspace(workspace)
+    assert deid.series_quarantined == 1
     s = preprocess_workspace(workspace)
-    assert s.series_quarantined == 1 and s.series_done == ing.series_accepted - 1
+    assert s.series_quarantined == 0 and s.series_done == ing.series_accepted - 1
     with Catalog(workspace.catalog_path) as cat:
         (row,) = cat.quarantined()
-        assert row.stage == "preprocess" and "\n" not in row.reason
-        assert len(cat.keys_with_status("series", "preprocess", "quarantined")) == 1
+        assert row.stage == "deid" and row.code == "undecodable_pixels" and "\n" not in row.reason
+        assert len(cat.keys_with_status("series", "preprocess")) == ing.series_accepted - 1

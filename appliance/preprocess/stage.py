@@ -1,8 +1,9 @@
-"""Preprocess stage over the catalog: every ingested series -> cache/<series>.npy (+ .json).
+"""Preprocess stage over the catalog: every de-identified series -> cache/<series>.npy (+ .json).
 
-Work is spread over worker processes; only this process writes the catalog. An item is
-`done` for a fingerprint made of the settings and the series' content, so changing
-site.yaml's preprocess section or re-ingesting a series redoes exactly what is affected.
+It reads the de-identified copies in deid/, never raw/. Work is spread over worker processes;
+only this process writes the catalog. An item is `done` for a fingerprint made of the settings
+and the de-identified series' own fingerprint, so changing site.yaml's preprocess section, or
+re-ingesting or re-de-identifying a series, redoes exactly what is affected.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class PreprocessSummary:
     series_skipped: int = 0
     series_quarantined: int = 0
     series_failed: int = 0
+    series_waiting_for_deid: int = 0
     slices_in: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -73,17 +75,21 @@ def preprocess_workspace(
     with Catalog(ws.catalog_path) as catalog:
         run_id = catalog.start_run(STAGE)
         wanted = set(series_keys) if series_keys is not None else None
-        todo: list[tuple[SeriesRow, str]] = []
+        todo: list[tuple[SeriesRow, str, list[str]]] = []
         for row in catalog.all_series():
             if wanted is not None and row.key not in wanted:
                 continue
-            if not catalog.is_done("series", row.key, "ingest"):
+            deid = catalog.status("series", row.key, "deid")
+            if deid is None or deid["status"] != "done":
+                # training data comes only from de-identified copies; raw/ is never read here
+                summary.series_waiting_for_deid += int(catalog.is_done("series", row.key, "ingest"))
                 continue
-            fingerprint = f"{settings.fingerprint()}:{row.geometry.get('content_sha', '')}"
+            fingerprint = f"{settings.fingerprint()}:{deid['fingerprint']}"
             if not force and catalog.is_done("series", row.key, STAGE, fingerprint):
                 summary.series_skipped += 1
                 continue
-            todo.append((row, fingerprint))
+            files = sorted(str(f) for f in (ws.root / deid["output"]).glob("*.dcm"))
+            todo.append((row, fingerprint, files))
 
         progress.start("preprocess series", len(todo))
         n_workers = worker_count(workers if workers is not None else cfg.workers, len(todo))
@@ -103,11 +109,11 @@ def _job(files: list[str], out_stem: str, settings: PreprocessSettings, min_slic
     return {"shape": list(cached.shape), "nbytes": Path(cached.npy_path).stat().st_size}
 
 
-def _run_jobs(ws: Workspace, catalog: Catalog, todo: list[tuple[SeriesRow, str]], settings: PreprocessSettings,
-              n_workers: int, summary: PreprocessSummary, progress: Progress) -> None:
+def _run_jobs(ws: Workspace, catalog: Catalog, todo: list[tuple[SeriesRow, str, list[str]]],
+              settings: PreprocessSettings, n_workers: int, summary: PreprocessSummary, progress: Progress) -> None:
     min_slices = min(3, ws.config().ingest.min_slices)
-    def submit(pool: ProcessPoolExecutor | None, row: SeriesRow) -> Future | dict:
-        files = [str(ws.root / rel) for rel in catalog.series_files(row.key)]
+
+    def submit(pool: ProcessPoolExecutor | None, row: SeriesRow, files: list[str]) -> Future | dict:
         stem = str(ws.cache / row.key)
         if pool is None:
             return _job(files, stem, settings, min_slices)
@@ -115,7 +121,7 @@ def _run_jobs(ws: Workspace, catalog: Catalog, todo: list[tuple[SeriesRow, str]]
 
     pool = ProcessPoolExecutor(max_workers=n_workers) if n_workers > 1 else None
     try:
-        pending = [(row, fp, submit(pool, row)) for row, fp in todo]
+        pending = [(row, fp, submit(pool, row, files)) for row, fp, files in todo]
         for row, fingerprint, job in pending:
             with catalog.transaction():
                 catalog.set_status("series", row.key, STAGE, "running", fingerprint=fingerprint)

@@ -14,6 +14,7 @@ from enum import IntEnum
 import numpy as np
 from scipy import ndimage
 
+from appliance.labels.vocabularies import CT_RATE_18
 from appliance.synthetic.uids import derived_rng, seed_of
 
 
@@ -65,27 +66,8 @@ class Phantom:
         return float(ndimage.map_coordinates(self.hu, idx, order=1, mode="constant", cval=-1000.0)[0])
 
 
-# Findings this phantom can plant (CT-RATE names); all 18 of CT_RATE_18.
-PLANTABLE_FINDINGS: tuple[str, ...] = (
-    "medical material",
-    "arterial wall calcification",
-    "cardiomegaly",
-    "pericardial effusion",
-    "coronary artery wall calcification",
-    "hiatal hernia",
-    "lymphadenopathy",
-    "emphysema",
-    "atelectasis",
-    "lung nodule",
-    "lung opacity",
-    "pulmonary fibrotic sequela",
-    "pleural effusion",
-    "mosaic attenuation pattern",
-    "peribronchial thickening",
-    "consolidation",
-    "bronchiectasis",
-    "interlobular septal thickening",
-)
+# Findings this phantom can plant: all 18 of CT-RATE.
+PLANTABLE_FINDINGS: tuple[str, ...] = CT_RATE_18
 
 
 class _Occupancy:
