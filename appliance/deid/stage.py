@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pydicom
@@ -147,10 +147,12 @@ def _deid_series(ws: Workspace, catalog: Catalog, row: SeriesRow, series_fp: str
             records[index] = record
             series_regions += [r for r in record.pop("_regions") if r.source in ("detector", "ocr")]
         # Pass 2: what the other slices of this series showed is where this series puts its text.
+        # OCR already read these slices in pass 1 and found nothing, so it is not run again.
+        known_layout = replace(policy, ocr="off")
         for index in review:
             ds = pydicom.dcmread(files[index])
-            record = _deid_file(ds, staging / f"{index:05d}.dcm", keys, options, policy, series_regions, summary,
-                                final=True)
+            record = _deid_file(ds, staging / f"{index:05d}.dcm", keys, options, known_layout, series_regions,
+                                summary, final=True)
             record.pop("_regions")
             records[index] = record
     except BadInputError as err:
