@@ -76,6 +76,7 @@ class DeidSection(_Section):
     pixel_filters: Path | None = None
     ocr: Literal["auto", "on", "off"] = "auto"
     report_backend: Literal["rules", "presidio"] = "rules"
+    workers: int = Field(default=0, ge=0)
 
 
 class ComputeSection(_Section):

@@ -50,7 +50,7 @@ def make_workspace(root: Path, **sections) -> "Workspace":  # noqa: F821
     cfg.setdefault("preprocess", {}).update(SMALL_PREPROCESS)
     # the synthetic burned-in text is found by the pixel detector; OCR (when tesseract is installed)
     # is exercised by tests/test_deid_pixels.py, not on every stage test
-    cfg.setdefault("deid", {})["ocr"] = "off"
+    cfg.setdefault("deid", {}).update(ocr="off", workers=1)  # the worker pool is exercised by the demo test
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     ws.config_path.write_text(yaml.safe_dump(cfg))

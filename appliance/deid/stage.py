@@ -10,11 +10,14 @@ Audit records (audit/deid/) say what was done where, never with the values.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from appliance.deid.pixels import PixelPolicy, load_pixel_filters, scrub_pixels
 from appliance.deid.text import deny_list_from_dataset, scrub_report
 from appliance.errors import BadInputError
 from appliance.faults import checkpoint
+from appliance.preprocess.stage import worker_count
 from appliance.progress import Progress, SilentProgress
 from appliance.quarantine import quarantine_item
 from appliance.workspace import Workspace
@@ -72,14 +76,6 @@ def load_keys(ws: Workspace) -> DeidKeys:
     return DeidKeys.from_file(path if path.is_absolute() else ws.root / path)
 
 
-def pixel_policy(ws: Workspace, cfg: DeidSection) -> PixelPolicy:
-    filters = load_pixel_filters()
-    if cfg.pixel_filters is not None:
-        extra = cfg.pixel_filters if cfg.pixel_filters.is_absolute() else ws.root / cfg.pixel_filters
-        filters = filters + load_pixel_filters(extra)
-    return PixelPolicy(filters=filters, ocr=cfg.ocr)
-
-
 def fingerprint(keys: DeidKeys, cfg: DeidSection) -> str:
     """Changes when the key, the options or the pixel/text settings change: output must be redone."""
     settings = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
@@ -91,7 +87,7 @@ def deidentify_workspace(ws: Workspace, *, force: bool = False, progress: Progre
     cfg = ws.config().deid
     keys = load_keys(ws)
     options = options_from_config(cfg)
-    policy = pixel_policy(ws, cfg)
+    _policy_from_spec(_policy_spec(ws, cfg))  # a bad filter file fails here, before any work
     fp = fingerprint(keys, cfg)
     progress = progress or SilentProgress()
     summary = DeidSummary()
@@ -110,9 +106,7 @@ def deidentify_workspace(ws: Workspace, *, force: bool = False, progress: Progre
                 continue
             todo.append((row, series_fp))
         progress.start("de-identify series", len(todo))
-        for row, series_fp in todo:
-            _deid_series(ws, catalog, row, series_fp, keys, options, policy, summary, progress)
-            progress.advance()
+        _run_series_jobs(ws, catalog, todo, keys, options, _policy_spec(ws, cfg), cfg.workers, summary, progress)
         _deid_reports(ws, catalog, fp, keys, cfg, force, summary, progress)
         summary.seconds = time.perf_counter() - t0
         catalog.finish_run(run_id, "done", summary.to_dict())
@@ -124,23 +118,68 @@ def _clean_staging(ws: Workspace) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _deid_series(ws: Workspace, catalog: Catalog, row: SeriesRow, series_fp: str, keys: DeidKeys,
-                 options: DeidOptions, policy: PixelPolicy, summary: DeidSummary, progress: Progress) -> None:
-    study_dir = ws.deid / row.study_key
-    staging = study_dir / f".staging-{row.key}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    files = [ws.root / rel for rel in catalog.series_files(row.key)]
+def _policy_spec(ws: Workspace, cfg: DeidSection) -> tuple[str | None, str]:
+    """What a worker process needs to rebuild the pixel policy (parsed filters do not pickle)."""
+    extra = None
+    if cfg.pixel_filters is not None:
+        extra = str(cfg.pixel_filters if cfg.pixel_filters.is_absolute() else ws.root / cfg.pixel_filters)
+    return extra, cfg.ocr
+
+
+@functools.lru_cache(maxsize=4)
+def _policy_from_spec(spec: tuple[str | None, str]) -> PixelPolicy:
+    extra, ocr = spec
+    filters = load_pixel_filters()
+    if extra is not None:
+        filters = filters + load_pixel_filters(Path(extra))
+    return PixelPolicy(filters=filters, ocr=ocr)
+
+
+def _run_series_jobs(ws: Workspace, catalog: Catalog, todo: list[tuple[SeriesRow, str]], keys: DeidKeys,
+                     options: DeidOptions, policy_spec: tuple, workers: int, summary: DeidSummary,
+                     progress: Progress) -> None:
+    """Series are de-identified in worker processes; only this process writes the catalog."""
+    jobs = []
+    for row, series_fp in todo:
+        staging = ws.deid / row.study_key / f".staging-{row.key}"
+        files = [str(ws.root / rel) for rel in catalog.series_files(row.key)]
+        jobs.append((row, series_fp, staging, (files, str(staging), keys, options, policy_spec)))
+    n_workers = worker_count(workers, len(jobs))
+    pool = ProcessPoolExecutor(max_workers=n_workers) if n_workers > 1 else None
+    try:
+        futures = [(row, fp, staging, pool.submit(_deid_series_job, *args) if pool else None, args)
+                   for row, fp, staging, args in jobs]
+        for row, series_fp, staging, future, args in futures:
+            try:
+                result = future.result() if future is not None else _deid_series_job(*args)
+            except BrokenProcessPool:
+                result = {"error": "a worker process died (out of memory?)", "code": "worker_died"}
+            _record_series(ws, catalog, row, series_fp, staging, result, summary, progress)
+            progress.advance()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _deid_series_job(files: list[str], staging: str, keys: DeidKeys, options: DeidOptions,
+                     policy_spec: tuple) -> dict:
+    """One series into its staging folder (runs in a worker). Returns the audit records and counters,
+    or the reason it cannot be made safe."""
+    policy = _policy_from_spec(policy_spec)
+    out_dir = Path(staging)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    counters = {"bytes_in": 0, "pixels_cleaned": 0, "audit_hits": 0}
     records: dict[int, dict] = {}
     try:
         # Pass 1: files that are clean or cleanable on their own. Slices flagged for review (e.g. the
         # whole series says BurnedInAnnotation YES but only a few slices carry text) wait for pass 2.
         review: list[int] = []
         series_regions: list = []
-        for index, raw_path in enumerate(files):
-            summary.bytes_in += raw_path.stat().st_size
-            ds = pydicom.dcmread(raw_path)
-            record = _deid_file(ds, staging / f"{index:05d}.dcm", keys, options, policy, (), summary)
+        for index, path in enumerate(files):
+            counters["bytes_in"] += os.path.getsize(path)
+            record = _deid_file(pydicom.dcmread(path), out_dir / f"{index:05d}.dcm", keys, options, policy, (),
+                                counters)
             if record is None:
                 review.append(index)
                 continue
@@ -150,13 +189,24 @@ def _deid_series(ws: Workspace, catalog: Catalog, row: SeriesRow, series_fp: str
         # OCR already read these slices in pass 1 and found nothing, so it is not run again.
         known_layout = replace(policy, ocr="off")
         for index in review:
-            ds = pydicom.dcmread(files[index])
-            record = _deid_file(ds, staging / f"{index:05d}.dcm", keys, options, known_layout, series_regions,
-                                summary, final=True)
+            record = _deid_file(pydicom.dcmread(files[index]), out_dir / f"{index:05d}.dcm", keys, options,
+                                known_layout, series_regions, counters, final=True)
             record.pop("_regions")
             records[index] = record
     except BadInputError as err:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return {"error": err.reason, "code": err.code, **counters}
+    return {"records": [records[i] for i in sorted(records)], **counters}
+
+
+def _record_series(ws: Workspace, catalog: Catalog, row: SeriesRow, series_fp: str, staging: Path, result: dict,
+                   summary: DeidSummary, progress: Progress) -> None:
+    summary.bytes_in += result.get("bytes_in", 0)
+    summary.files_pixels_cleaned += result.get("pixels_cleaned", 0)
+    summary.audit_hits += result.get("audit_hits", 0)
+    if "error" in result:
         shutil.rmtree(staging, ignore_errors=True)
+        err = BadInputError(result["error"], result["code"])
         qid = quarantine_item(ws, catalog, stage=STAGE, kind="series", error=err, item_key=row.key,
                               sources=[row.raw_dir])
         with catalog.transaction():
@@ -165,22 +215,22 @@ def _deid_series(ws: Workspace, catalog: Catalog, row: SeriesRow, series_fp: str
         summary.quarantine_ids.append(qid)
         progress.note(f"quarantined q{qid:06d} (series {row.key}): {err.reason}")
         return
-    final = study_dir / row.key
+    final = staging.parent / row.key
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
     _write_audit(ws, f"{row.key}.json", {"series": row.key, "study": row.study_key, "fingerprint": series_fp,
-                                         "files": [records[i] for i in sorted(records)]})
+                                         "files": result["records"]})
     with catalog.transaction():
         catalog.set_status("series", row.key, STAGE, "done", fingerprint=series_fp,
                            output=str(final.relative_to(ws.root)))
     summary.series_done += 1
-    summary.files_written += len(records)
+    summary.files_written += len(result["records"])
     checkpoint("deid_series")
 
 
 def _deid_file(ds: pydicom.Dataset, out_path: Path, keys: DeidKeys, options: DeidOptions, policy: PixelPolicy,
-               series_regions, summary: DeidSummary, final: bool = False) -> dict | None:
+               series_regions, counters: dict, final: bool = False) -> dict | None:
     """One file: pixels, headers, write, audit. None when its pixels need the series' regions (pass 2);
     BadInputError when it cannot be made safe."""
     deny = deny_list_from_dataset(ds)
@@ -196,13 +246,13 @@ def _deid_file(ds: pydicom.Dataset, out_path: Path, keys: DeidKeys, options: Dei
                                 "burned_in_needs_review")
         if pixels.status == "cleaned":
             ds = pixels.dataset
-            summary.files_pixels_cleaned += 1
+            counters["pixels_cleaned"] += 1
             regions = pixels.regions
     result = deidentify_dataset(ds, keys, options)
     write_deidentified(result, out_path)
     hits = scan_file(out_path, result.removed_values | deny)
     if hits:
-        summary.audit_hits += len(hits)
+        counters["audit_hits"] += len(hits)
         kinds = sorted({h.kind for h in hits})
         raise BadInputError(f"leakage audit found {len(hits)} surviving value(s) ({', '.join(kinds)})",
                             "deid_audit_failed")
