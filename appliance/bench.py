@@ -5,6 +5,7 @@ Each dataset is measured in a fresh process so its peak RSS is its own (workers 
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import platform
 import resource
@@ -209,3 +210,36 @@ def bench_deid(studies: int = 20, real: Path | None = None, seed: int = 0) -> di
             datasets[name] = _in_child(_measure_deid, str(source))
     return {"stage": "deid", "ratio_means": "rfm files/s divided by dicognito files/s (>1: rfm faster)",
             "machine": {"python": platform.python_version(), "cores": mp.cpu_count()}, "datasets": datasets}
+
+
+def bench_labels(studies: int = 100, latency_s: float = 0.2, max_in_flight: int = 16, n_requests: int = 200,
+                 seed: int = 0) -> dict:
+    """Reports/s of the rules extractor on the synthetic reports, and of the OpenAI client against a
+    local server answering after a fixed latency: concurrent vs one request at a time, same run."""
+    from appliance.labels.fake_server import measure_client_throughput
+    from appliance.labels.rules import label_report
+    from appliance.labels.vocabularies import load_vocabulary
+    from appliance.synthetic import generate_cohort
+
+    vocab = load_vocabulary("ct_rate_18")
+    with tempfile.TemporaryDirectory(prefix="rfm-bench-") as tmp:
+        cohort = generate_cohort(Path(tmp) / "cohort", n_studies=studies, seed=seed, matrix=32, slices=8)
+        texts = [json.loads(line)["text"] for line in cohort.reports_path.read_text().splitlines()]
+    reps = max(1, 2000 // len(texts))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for text in texts:
+            label_report(text, vocab)
+    rules_s = time.perf_counter() - t0
+    concurrent = measure_client_throughput(vocab, n_reports=n_requests, max_in_flight=max_in_flight,
+                                           latency_s=latency_s)
+    serial = measure_client_throughput(vocab, n_reports=max(10, n_requests // 10), max_in_flight=1,
+                                       latency_s=latency_s)
+    return {
+        "stage": "labels",
+        "rules": {"reports": reps * len(texts), "seconds": rules_s, "reports_per_s": reps * len(texts) / rules_s,
+                  "peak_rss_mb": _peak_rss_mb(), "vocabulary": vocab.name},
+        "openai_client": {"concurrent": concurrent, "one_at_a_time": serial,
+                          "speedup_vs_one_at_a_time": concurrent["reports_per_s"] / serial["reports_per_s"]},
+        "machine": {"python": platform.python_version(), "cores": mp.cpu_count()},
+    }

@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS stage_status (
     kind TEXT NOT NULL,
     key TEXT NOT NULL,
     stage TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'quarantined')),
+    status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed', 'quarantined', 'queued')),
     fingerprint TEXT NOT NULL DEFAULT '',
     detail TEXT NOT NULL DEFAULT '',
     output TEXT NOT NULL DEFAULT '',
@@ -74,6 +74,16 @@ CREATE TABLE IF NOT EXISTS quarantine (
     reason TEXT NOT NULL,
     folder TEXT NOT NULL,
     created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS label_review (
+    study_key TEXT NOT NULL,
+    source TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    proposed TEXT,
+    resolved TEXT,
+    created_at TEXT NOT NULL,
+    resolved_at TEXT,
+    PRIMARY KEY (study_key, source)
 );
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

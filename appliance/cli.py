@@ -265,6 +265,128 @@ def _counts(d: dict[str, int]) -> str:
     return f"{total}" + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(d.items()))})" if d else "")
 
 
+# --- labels ------------------------------------------------------------------------------------
+labels_app = typer.Typer(no_args_is_help=False, invoke_without_command=True,
+                         help="Turn reports into 1/0/-1 labels per finding (rules or a local LLM).")
+app.add_typer(labels_app, name="labels")
+review_app = typer.Typer(no_args_is_help=True, help="Reports waiting for a radiologist: list, export, import.")
+labels_app.add_typer(review_app, name="review")
+
+
+@labels_app.callback()
+def labels(ctx: typer.Context, workspace: WorkspaceOpt = Path("."),
+           force: Annotated[bool, typer.Option("--force", help="Label again, ignoring the cache.")] = False) -> None:
+    """Label every de-identified report of the workspace with the extractor(s) in site.yaml."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from appliance.workspace import open_workspace
+
+    _labels(open_workspace(workspace), force=force)
+
+
+def _labels(ws, force: bool) -> None:
+    from appliance.labels.stage import label_workspace
+
+    with progress_bars() as bars:
+        summary = label_workspace(ws, force=force, progress=RichProgress(bars))
+    print_labels_summary(summary.to_dict())
+
+
+def print_labels_summary(s: dict) -> None:
+    t = Table(title="Labels", show_header=False)
+    t.add_row("reports", str(s["reports"]))
+    t.add_row("labelled now", f"{s['labelled']} ({s['retried']} needed retries)")
+    t.add_row("from cache", str(s["from_cache"]))
+    t.add_row("queued for review", f"{s['queued']} failed extraction, {s['disagreements_queued']} disagreements")
+    t.add_row("resolved by review", str(s["resolved_by_review"]))
+    t.add_row("findings kept", f"{len(s['findings_kept'])}" + (f" (dropped by consensus: {', '.join(s['findings_dropped'])})"
+                                                                 if s["findings_dropped"] else ""))
+    t.add_row("seconds", f"{s['seconds']:.1f}")
+    console.print(t)
+
+
+@labels_app.command("extract")
+def labels_extract(reports: Annotated[Path, typer.Option(help="JSONL: one object per line with id and text.")],
+                   out: Annotated[Path, typer.Option(help="CSV to write: id + one column per finding.")],
+                   vocabulary: Annotated[str, typer.Option(help="Built-in name or YAML file.")] = "ct_rate_18",
+                   backend: Annotated[str, typer.Option(help="rules, openai or transformers.")] = "rules",
+                   base_url: Annotated[str, typer.Option(help="openai: server URL.")] = "http://127.0.0.1:8000/v1",
+                   model: Annotated[str, typer.Option(help="openai: model name.")] = "",
+                   model_dir: Annotated[Optional[Path], typer.Option(help="transformers: local model folder.")] = None,
+                   max_in_flight: Annotated[int, typer.Option(min=1, help="openai: requests in flight.")] = 16,
+                   attempts: Annotated[int, typer.Option(min=1, help="Attempts per report.")] = 3) -> None:
+    """Label a plain JSONL file of reports outside any workspace (cached next to --out, resumable)."""
+    from appliance.labels.standalone import extract_file
+
+    with progress_bars() as bars:
+        result = extract_file(reports, out, vocabulary=vocabulary, backend=backend, base_url=base_url, model=model,
+                              model_dir=model_dir, max_in_flight=max_in_flight, attempts=attempts,
+                              progress=RichProgress(bars))
+    t = Table(title="labels extract", show_header=False)
+    for k in ("reports", "labelled", "from_cache", "retried", "queued", "bad_lines"):
+        t.add_row(k, str(result[k]))
+    t.add_row("written", str(out))
+    console.print(t)
+
+
+@labels_app.command("eval")
+def labels_eval(gold: Annotated[Path, typer.Option(help="CSV of reference labels (id + findings).")],
+                pred: Annotated[Path, typer.Option(help="CSV of labels to judge (id + findings).")],
+                out: Annotated[Path, typer.Option(help="Folder for agreement.json and confusion PNGs.")] = Path("labels-eval"),
+                vocabulary: Annotated[str, typer.Option(help="Built-in name or YAML file.")] = "ct_rate_18") -> None:
+    """Agreement of labels with a reference: kappa, accuracy, P, R, F1 per finding and macro, 3 protocols."""
+    from appliance.labels.standalone import evaluate_files
+
+    result = evaluate_files(gold, pred, out, vocabulary)
+    t = Table(title=f"Agreement on {result['n_reports']} reports")
+    for col in ("protocol", "kappa", "accuracy", "precision", "recall", "F1"):
+        t.add_column(col)
+    for protocol, r in result["protocols"].items():
+        m = r["macro"]
+        t.add_row(protocol, *(("-" if m.get(k) is None else f"{m[k]:.3f}")
+                              for k in ("kappa", "accuracy", "precision", "recall", "f1")))
+    console.print(t)
+    console.print(f"per-finding tables and confusion matrices in {out}")
+
+
+@review_app.command("list")
+def review_list(workspace: WorkspaceOpt = Path("."),
+                all_: Annotated[bool, typer.Option("--all", help="Include resolved items.")] = False) -> None:
+    """Reports waiting for review, and why."""
+    from appliance.labels.stage import review_items
+    from appliance.workspace import open_workspace
+
+    items = review_items(open_workspace(workspace), include_resolved=all_)
+    t = Table(title=f"Label review queue ({len(items)})")
+    for col in ("study", "source", "reason", "queued", "resolved"):
+        t.add_column(col)
+    for i in items:
+        t.add_row(i["study_key"], i["source"], i["reason"], i["created_at"], i["resolved_at"] or "")
+    console.print(t)
+
+
+@review_app.command("export")
+def review_export(out: Annotated[Path, typer.Argument(help="CSV to write.")], workspace: WorkspaceOpt = Path(".")) -> None:
+    """Write the queue as a CSV (de-identified report text + a column per finding) for a radiologist."""
+    from appliance.labels.stage import export_review
+    from appliance.workspace import open_workspace
+
+    n = export_review(open_workspace(workspace), out)
+    console.print(f"{n} report(s) written to {out}; fill every finding with 1, 0 or -1 and import it back")
+
+
+@review_app.command("import")
+def review_import(path: Annotated[Path, typer.Argument(help="The filled-in CSV.")], workspace: WorkspaceOpt = Path(".")) -> None:
+    """Load a radiologist's labels back; labels.csv is rewritten with them."""
+    from appliance.labels.stage import import_review
+    from appliance.workspace import open_workspace
+
+    ws = open_workspace(workspace)
+    n = import_review(ws, path)
+    console.print(f"{n} report(s) resolved")
+    _labels(ws, force=False)
+
+
 # --- status / quarantine -----------------------------------------------------------------------
 @app.command()
 def status(workspace: WorkspaceOpt = Path(".")) -> None:
@@ -322,6 +444,7 @@ def demo(directory: Annotated[Path, typer.Option("--dir", help="Folder for the d
     print_ingest_summary(result["stages"]["ingest"])
     print_deid_summary(result["stages"]["deid"])
     print_preprocess_summary(result["stages"]["preprocess"])
+    print_labels_summary(result["stages"]["labels"])
     t = Table(title="Demo")
     for col in ("stage", "result", "seconds"):
         t.add_column(col)
@@ -379,6 +502,31 @@ def bench_deid_cmd(studies: Annotated[int, typer.Option(min=1, help="Synthetic s
                   fmt(r["ratio_headers_only_vs_dicognito"], "{:.2f}x"), fmt(r["ratio_full_stage_vs_dicognito"], "{:.2f}x"),
                   f"{r['peak_rss_mb']:.0f}")
     console.print(t)
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"written to {out}")
+
+
+@bench_app.command("labels")
+def bench_labels_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-labels.json"),
+                     latency: Annotated[float, typer.Option(help="Scripted server latency per request, s.")] = 0.2,
+                     max_in_flight: Annotated[int, typer.Option(min=1, help="Client requests in flight.")] = 16) -> None:
+    """Reports/s: rules on CPU, and the OpenAI client against a local fixed-latency server."""
+    from appliance.bench import bench_labels
+
+    with console.status("benchmarking labels ..."):
+        result = bench_labels(latency_s=latency, max_in_flight=max_in_flight)
+    t = Table(title="rfm bench labels")
+    for col in ("extractor", "reports", "reports/s", "note"):
+        t.add_column(col)
+    r = result["rules"]
+    t.add_row("rules (CPU)", str(r["reports"]), f"{r['reports_per_s']:.0f}", f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    c = result["openai_client"]
+    for name in ("concurrent", "one_at_a_time"):
+        m = c[name]
+        t.add_row(f"openai client, {m['max_in_flight']} in flight", str(m["reports"]), f"{m['reports_per_s']:.1f}",
+                  f"latency {m['latency_s']} s, ceiling {m['ceiling_per_s']}/s, server saw {m['server_max_in_flight']} at once")
+    console.print(t)
+    console.print(f"concurrency speed-up vs one at a time: {c['speedup_vs_one_at_a_time']:.1f}x")
     out.write_text(json.dumps(result, indent=2))
     console.print(f"written to {out}")
 

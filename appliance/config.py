@@ -79,6 +79,34 @@ class DeidSection(_Section):
     workers: int = Field(default=0, ge=0)
 
 
+class OpenAISection(_Section):
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = ""
+    max_in_flight: int = Field(default=16, ge=1, le=1024)
+    timeout_s: float = Field(default=60.0, gt=0)
+    structured: Literal["auto", "json_schema", "none"] = "auto"
+    api_key_file: Path | None = None
+
+
+class TransformersSection(_Section):
+    model_dir: Path | None = None
+    batch_size: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=256, ge=8)
+
+
+class LabelsSection(_Section):
+    vocabulary: str = "ct_rate_18"
+    backend: Literal["rules", "openai", "transformers"] = "rules"
+    consensus_with: Literal["rules", "openai", "transformers"] | None = None
+    consensus_threshold: float = Field(default=0.90, gt=0, le=1)
+    review_disagreements: bool = False
+    attempts: int = Field(default=3, ge=1, le=10)
+    backoff_s: float = Field(default=1.0, ge=0)
+    ask_evidence: bool = False
+    openai: OpenAISection = OpenAISection()
+    transformers: TransformersSection = TransformersSection()
+
+
 class ComputeSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -93,6 +121,7 @@ class SiteConfig(_Section):
     ingest: IngestSection = IngestSection()
     deid: DeidSection = DeidSection()
     preprocess: PreprocessSection = PreprocessSection()
+    labels: LabelsSection = LabelsSection()
     compute: ComputeSection = ComputeSection()
     workflow: WorkflowSection = WorkflowSection()
 

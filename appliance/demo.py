@@ -62,7 +62,7 @@ def run_demo(directory: Path, studies: int = 20, seed: int = 0) -> dict:
     stages = site_pipeline(str(ws.root), str(source))
     t_flow = time.perf_counter() - t1
 
-    ing, deid, pre = stages["ingest"], stages["deid"], stages["preprocess"]
+    ing, deid, pre, lab = stages["ingest"], stages["deid"], stages["preprocess"], stages["labels"]
     table = [
         {"stage": "synthesise", "seconds": t_synth,
          "result": f"{cohort.n_studies} studies, {cohort.n_series} series, {cohort.n_files} files; "
@@ -77,6 +77,9 @@ def run_demo(directory: Path, studies: int = 20, seed: int = 0) -> dict:
         {"stage": "preprocess", "seconds": pre["seconds"],
          "result": f"{pre['series_done']} volumes cached, {pre['series_quarantined']} quarantined, "
                    f"{pre['series_failed']} failed"},
+        {"stage": "labels", "seconds": lab["seconds"],
+         "result": f"{lab['labelled'] + lab['from_cache']} of {lab['reports']} reports labelled (rules), "
+                   f"{lab['queued']} queued for review; {len(lab['findings_kept'])} findings kept"},
         {"stage": "total", "seconds": time.perf_counter() - t0,
          "result": f"Prefect flow {t_flow:.1f} s (includes starting the local API)"},
     ]

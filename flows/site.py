@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from appliance.deid.stage import deidentify_workspace
 from appliance.ingest import ingest_folder
+from appliance.labels.stage import label_workspace
 from appliance.preprocess.stage import preprocess_workspace
 from appliance.progress import LogProgress, default_progress
 from appliance.workspace import open_workspace
@@ -46,6 +47,12 @@ def deid_task(workspace: str, force: bool = False) -> dict:
     return deidentify_workspace(ws, force=force, progress=_progress()).to_dict()
 
 
+@task(name="labels", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def labels_task(workspace: str, force: bool = False) -> dict:
+    ws = open_workspace(workspace)
+    return label_workspace(ws, force=force, progress=_progress()).to_dict()
+
+
 @task(name="preprocess", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
 def preprocess_task(workspace: str, force: bool = False) -> dict:
     ws = open_workspace(workspace)
@@ -54,7 +61,7 @@ def preprocess_task(workspace: str, force: bool = False) -> dict:
 
 @flow(name="site-pipeline", log_prints=False)
 def site_pipeline(workspace: str, source: str | None = None, force: bool = False) -> dict:
-    """Ingest (when a source folder is given), de-identify, preprocess; returns each stage's summary."""
+    """Ingest (when a source folder is given), de-identify, preprocess, label; returns each stage's summary."""
     cfg = open_workspace(workspace).config().workflow
     retry = {"retries": cfg.task_retries, "retry_delay_seconds": cfg.retry_delay_s}
     results: dict[str, dict] = {}
@@ -62,4 +69,5 @@ def site_pipeline(workspace: str, source: str | None = None, force: bool = False
         results["ingest"] = ingest_task.with_options(**retry)(workspace, source, force)
     results["deid"] = deid_task.with_options(**retry)(workspace, force)
     results["preprocess"] = preprocess_task.with_options(**retry)(workspace, force)
+    results["labels"] = labels_task.with_options(**retry)(workspace, force)
     return results

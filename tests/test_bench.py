@@ -38,3 +38,14 @@ def test_bench_deid_writes_json_with_the_peer(tmp_path, capsys):
     else:
         assert peer["skipped"]
     assert "rfm bench deid" in capsys.readouterr().out
+
+
+def test_bench_labels_measures_rules_and_client_concurrency():
+    from appliance.bench import bench_labels
+
+    result = bench_labels(studies=10, latency_s=0.02, max_in_flight=8, n_requests=40)
+    assert result["rules"]["reports_per_s"] > 0
+    concurrent = result["openai_client"]["concurrent"]
+    assert concurrent["labelled"] == concurrent["reports"] == 40
+    assert concurrent["server_max_in_flight"] == 8  # the client really kept 8 requests open
+    assert result["openai_client"]["one_at_a_time"]["server_max_in_flight"] == 1

@@ -27,7 +27,9 @@ def test_demo_runs_the_flow_and_writes_the_summary(tmp_path):
     assert deid["series_done"] == ing["series_accepted"] and deid["audit_hits"] == 0
     assert deid["reports_done"] == summary["cohort"]["studies"]
     assert pre["series_done"] == ing["series_accepted"]
-    assert [r["stage"] for r in summary["table"]] == ["synthesise", "ingest", "deid", "preprocess", "total"]
+    labels = summary["stages"]["labels"]
+    assert labels["reports"] == summary["cohort"]["studies"] and labels["queued"] == 0
+    assert [r["stage"] for r in summary["table"]] == ["synthesise", "ingest", "deid", "preprocess", "labels", "total"]
     for word in ("Demo", "ingest", "preprocess", "quarantined"):
         assert word in proc.stdout
     # nothing identifying in what the operator sees
