@@ -402,10 +402,11 @@ def status(workspace: WorkspaceOpt = Path(".")) -> None:
         t.add_row(k, str(v))
     console.print(t)
     s = Table(title="Stages")
-    for col in ("stage", "done", "running", "failed", "quarantined"):
+    statuses = ("done", "running", "failed", "quarantined", "queued")
+    for col in ("stage", *statuses):
         s.add_column(col)
     for stage, by in stages.items():
-        s.add_row(stage, *(str(by.get(k, 0)) for k in ("done", "running", "failed", "quarantined")))
+        s.add_row(stage, *(str(by.get(k, 0)) for k in statuses))
     console.print(s)
 
 

@@ -35,6 +35,22 @@ def fresh_demo_dir(directory: Path) -> Path:
     return directory
 
 
+def _label_f1(ws, ground_truth_path: Path) -> float:
+    """How well the labels match the synthetic truth (the demo knows it; a site would use `rfm labels eval`)."""
+    import csv
+    import io
+
+    from appliance.labels.metrics import agreement
+
+    truth = json.loads(ground_truth_path.read_text())
+    by_uid = {s["study_instance_uid"]: s["labels"] for s in truth["studies"]}
+    gold = {p.parent.name: by_uid[json.loads(p.read_text())["study_instance_uid"]] for p in ws.raw.glob("*/study.json")}
+    rows = csv.DictReader(io.StringIO((ws.labels / "labels.csv").read_text()))
+    names = truth["vocabulary"]
+    pred = {r["study_key"]: {n: int(r[n]) for n in names} for r in rows}
+    return agreement(pred, {k: gold[k] for k in pred}, names, "strict").macro["f1"]
+
+
 def run_demo(directory: Path, studies: int = 20, seed: int = 0) -> dict:
     from appliance.synthetic import generate_cohort
     from appliance.synthetic.bad_inputs import plant_bad_inputs
@@ -79,7 +95,8 @@ def run_demo(directory: Path, studies: int = 20, seed: int = 0) -> dict:
                    f"{pre['series_failed']} failed"},
         {"stage": "labels", "seconds": lab["seconds"],
          "result": f"{lab['labelled'] + lab['from_cache']} of {lab['reports']} reports labelled (rules), "
-                   f"{lab['queued']} queued for review; {len(lab['findings_kept'])} findings kept"},
+                   f"{lab['queued']} queued for review; {len(lab['findings_kept'])} findings kept; "
+                   f"strict macro F1 vs the cohort's truth {_label_f1(ws, cohort.ground_truth_path):.3f}"},
         {"stage": "total", "seconds": time.perf_counter() - t0,
          "result": f"Prefect flow {t_flow:.1f} s (includes starting the local API)"},
     ]
