@@ -141,3 +141,17 @@ def test_standalone_extract_and_eval(cohort, tmp_path, capsys):
     # a second run is served from the cache
     assert main(["labels", "extract", "--reports", str(reports), "--out", str(out)]) == 0
     assert "from_cache" in capsys.readouterr().out
+
+
+def test_a_killed_labelling_run_resumes_from_its_cache(ready):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rfm = str(Path(sys.executable).parent / "rfm")
+    env = dict(os.environ, RFM_FAULT_KILL_AT="label_report:3")
+    killed = subprocess.run([rfm, "labels", "-w", str(ready.root)], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9
+    s = label_workspace(ready)
+    assert s.from_cache == 3 and s.labelled == s.reports - 3 and s.queued == 0

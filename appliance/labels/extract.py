@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import ConfigError
+from appliance.faults import checkpoint
 from appliance.labels.llm import LabelOutcome
 from appliance.labels.prompt import PROMPT_VERSION
 from appliance.labels.vocabularies import Vocabulary
@@ -144,6 +145,7 @@ def extract(items: Iterable[tuple[str, str]], vocabulary: Vocabulary, spec: Extr
             run.retried += 1
         if on_done:
             on_done(1)
+        checkpoint("label_report")
 
     if todo:
         backend = make_backend(spec)
