@@ -32,6 +32,7 @@ from appliance.deid.pixels import PixelPolicy, load_pixel_filters, scrub_pixels
 from appliance.deid.text import deny_list_from_dataset, scrub_report
 from appliance.errors import BadInputError
 from appliance.faults import checkpoint
+from appliance.fsutil import atomic_write
 from appliance.preprocess.stage import worker_count
 from appliance.progress import Progress, SilentProgress
 from appliance.quarantine import quarantine_item
@@ -297,9 +298,7 @@ def _deid_reports(ws: Workspace, catalog: Catalog, fp: str, keys: DeidKeys, cfg:
             continue
         out = ws.deid / study_key / "report.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(".report.txt.partial")
-        tmp.write_text(scrubbed.text)
-        os.replace(tmp, out)
+        atomic_write(out, scrubbed.text)
         _write_audit(ws, f"{study_key}.report.json", {"study": study_key, "fingerprint": report_fp,
                                                       "replacements": scrubbed.replacements})
         with catalog.transaction():
@@ -309,10 +308,7 @@ def _deid_reports(ws: Workspace, catalog: Catalog, fp: str, keys: DeidKeys, cfg:
 
 
 def _write_audit(ws: Workspace, name: str, record: dict) -> None:
-    path = ws.audit / "deid" / name
-    tmp = path.with_name(f".{name}.partial")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write(ws.audit / "deid" / name, json.dumps(record, indent=1, sort_keys=True, default=str))
 
 
 @dataclass

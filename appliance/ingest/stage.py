@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from pydicom.uid import MediaStorageDirectoryStorage
 from appliance.catalog import Catalog
 from appliance.errors import BadInputError
 from appliance.faults import checkpoint
+from appliance.fsutil import atomic_write
 from appliance.geometry import SliceHeader, analyze_stack
 from appliance.ingest.reports import BadReportLine, read_report_sidecar
 from appliance.ingest.scan import SourceFile, find_report_sidecars, walk_source
@@ -302,7 +302,7 @@ def _store_series(run: _Run, study_key: str, series_key: str, study_uid: str, se
     instances = []
     for key, _, data in good:
         rel = f"raw/{study_key}/{series_key}/{key}.dcm"
-        _atomic_write(ws.root / rel, data)
+        atomic_write(ws.root / rel, data)
         instances.append((key, rel, hashlib.sha256(data).hexdigest(), len(data)))
     first = good[0][1]
     _update_study_identity(ws, study_key, study_uid, first.accession, first.patient_id, series_key, series_uid)
@@ -351,13 +351,7 @@ def _update_study_identity(ws: Workspace, study_key: str, study_uid: str, access
     info = json.loads(path.read_text()) if path.exists() else {"series": {}}
     info.update(study_instance_uid=study_uid, accession_number=accession, patient_id=patient_id)
     info["series"][series_key] = series_uid
-    _atomic_write(path, json.dumps(info, indent=2, sort_keys=True).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(info, indent=2, sort_keys=True).encode())
 
 
 def _clean_stale_partials(ws: Workspace) -> None:
@@ -407,7 +401,7 @@ def _store_report(run: _Run, study_key: str, text: str, sha: str, force: bool) -
         run.skip("report_already_ingested")
         return
     rel = f"raw/{study_key}/report.txt"
-    _atomic_write(run.ws.root / rel, text.encode())
+    atomic_write(run.ws.root / rel, text.encode())
     with run.catalog.transaction():
         run.catalog.upsert_report(study_key, rel, sha, len(text))
     run.summary.reports_linked += 1
@@ -419,7 +413,7 @@ def _queue_pending_report(ws: Workspace, rec) -> None:
     pending.mkdir(exist_ok=True)
     ident = f"{rec.study_instance_uid or ''}|{rec.accession_number or ''}"
     name = hashlib.sha256(ident.encode()).hexdigest()[:16]
-    _atomic_write(pending / f"{name}.json", json.dumps({
+    atomic_write(pending / f"{name}.json", json.dumps({
         "study_instance_uid": rec.study_instance_uid, "accession_number": rec.accession_number, "text": rec.text,
     }).encode())
 

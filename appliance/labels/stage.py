@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from appliance.catalog import Catalog, now
 from appliance.config import LabelsSection
 from appliance.errors import ApplianceError, BadInputError
+from appliance.fsutil import atomic_write
 from appliance.labels.extract import ExtractorSpec, LabelCache, extract
 from appliance.labels.metrics import report_agreement_consensus
 from appliance.labels.vocabularies import Vocabulary, load_vocabulary
@@ -174,17 +174,11 @@ def _write_labels_csv(path: Path, vocabulary: Vocabulary, labels: dict[str, dict
     w.writerow(["study_key", *vocabulary.names])
     for key in sorted(labels):
         w.writerow([key, *(labels[key][n] for n in vocabulary.names)])
-    _atomic_text(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    _atomic_text(path, json.dumps(obj, indent=2, sort_keys=True))
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 # --- review queue ------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 from appliance.errors import BadInputError
+from appliance.fsutil import atomic_write
 from appliance.labels.extract import ExtractorSpec, LabelCache, extract
 from appliance.labels.metrics import PROTOCOLS, agreement, confusion_matrix_png
 from appliance.labels.vocabularies import load_vocabulary
@@ -69,13 +69,13 @@ def extract_file(reports: Path, out: Path, *, vocabulary: str = "ct_rate_18", ba
             w.writerow([rid, *(o["labels"][n] for n in vocab.names)])
         else:
             rw.writerow([rid, o["error"] or "no valid answer", texts[rid], *([""] * len(vocab.names))])
-    _write(out, rows.getvalue())
+    atomic_write(out, rows.getvalue())
     review_path = out.with_name(out.stem + ".review.csv")
     if run.queued:
-        _write(review_path, review.getvalue())
+        atomic_write(review_path, review.getvalue())
     rejected_path = out.with_name(out.stem + ".rejected.jsonl")
     if bad:
-        _write(rejected_path, "".join(json.dumps({"line": n, "why": why}) + "\n" for n, why in bad))
+        atomic_write(rejected_path, "".join(json.dumps({"line": n, "why": why}) + "\n" for n, why in bad))
     return {"reports": len(items), "labelled": run.labelled, "from_cache": run.from_cache, "retried": run.retried,
             "queued": run.queued, "bad_lines": len(bad), "out": str(out),
             "review": str(review_path) if run.queued else None, "rejected": str(rejected_path) if bad else None}
@@ -124,11 +124,6 @@ def evaluate_files(gold: Path, pred: Path, out: Path, vocabulary: str = "ct_rate
         report = agreement(p, g, vocab.names, protocol)
         result["protocols"][protocol] = report.to_dict()
         confusion_matrix_png(p, g, vocab.names, out / f"confusion-{protocol}.png", protocol=protocol)
-    _write(out / "agreement.json", json.dumps(result, indent=2))
+    atomic_write(out / "agreement.json", json.dumps(result, indent=2))
     return result
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
