@@ -222,7 +222,7 @@ def print_deid_summary(s: dict) -> None:
 def preprocess_cmd(workspace: WorkspaceOpt = Path("."),
                    force: Annotated[bool, typer.Option("--force", help="Redo series already cached.")] = False,
                    workers: Annotated[Optional[int], typer.Option(min=1, help="Worker processes.")] = None) -> None:
-    """Turn every ingested series into a training-ready volume in cache/."""
+    """Turn every de-identified series into a training-ready volume in cache/."""
     from appliance.workspace import open_workspace
 
     _preprocess(open_workspace(workspace), force=force, workers=workers)
