@@ -18,7 +18,7 @@ OTHER_KEYS = DeidKeys(b"\x22" * 32)
 PYDICOM_FILES = ["CT_small.dcm", "MR_small.dcm", "UN_sequence.dcm", "nested_priv_SQ.dcm", "priv_SQ.dcm",
                  "examples_overlay.dcm"]
 DICOMDIR_TESTS = Path(get_testdata_file("CT_small.dcm", download=False)).parent / "dicomdirtests"
-GE_SERIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "dcm_qa_ct_GE"
+from conftest import GE_DIR as GE_SERIES
 PHI_KEYWORDS = {"PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName", "InstitutionAddress",
                 "StationName", "DeviceSerialNumber", "RequestedProcedureID", "ScheduledProcedureStepID"}
 GEOMETRY = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "RescaleSlope",

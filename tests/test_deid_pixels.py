@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -25,7 +24,7 @@ from appliance.deid.pixels import (
 from appliance.errors import ConfigError
 from appliance.synthetic import generate_cohort, render_text_mask
 
-GE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "dcm_qa_ct_GE"  # as in conftest
+from conftest import GE_DIR
 
 HAS_TESSERACT = shutil.which("tesseract") is not None
 needs_tesseract = pytest.mark.skipif(not HAS_TESSERACT, reason="tesseract binary not installed (apt: tesseract-ocr)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import replace
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from appliance.errors import BadInputError
 from appliance.geometry import GeometryError, SliceHeader, analyze_stack
 
-GE_DIR = Path(__file__).resolve().parents[2] / "shared/data/real/dcm_qa_ct_GE"
+from conftest import GE_DIR
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 

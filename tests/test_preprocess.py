@@ -35,7 +35,7 @@ from appliance.preprocess import (
     resample_to_canvas,
 )
 
-GE_DIR = Path(__file__).resolve().parents[2] / "shared/data/real/dcm_qa_ct_GE"
+from conftest import GE_DIR
 # Isotropic and large enough to hold the whole tilted head, so nothing is cropped.
 GE_SETTINGS = PreprocessSettings(spacing_mm=(1.5, 1.5, 1.5), canvas=(176, 176, 176))
 

@@ -272,12 +272,9 @@ def _deid_reports(ws: Workspace, catalog: Catalog, fp: str, keys: DeidKeys, cfg:
         if not force and catalog.is_done("study", study_key, REPORT_STAGE, report_fp):
             summary.reports_skipped += 1
             continue
-        first = catalog.db.execute(
-            "SELECT i.raw_path FROM instances i JOIN series s ON s.key = i.series_key WHERE s.study_key = ? "
-            "ORDER BY i.key LIMIT 1", (study_key,)).fetchone()
-        if first is None:
+        ds = _first_header(ws, catalog, study_key)
+        if ds is None:
             continue  # a report without images: nothing to train on, nothing to do
-        ds = pydicom.dcmread(ws.root / first["raw_path"], stop_before_pixels=True)
         deny = deny_list_from_dataset(ds)
         offset = keys.date_offset_days(str(ds.get("PatientID", "") or ""))
         text = (ws.root / r["raw_path"]).read_text()
@@ -305,6 +302,14 @@ def _deid_reports(ws: Workspace, catalog: Catalog, fp: str, keys: DeidKeys, cfg:
             catalog.set_status("study", study_key, REPORT_STAGE, "done", fingerprint=report_fp,
                                output=str(out.relative_to(ws.root)))
         summary.reports_done += 1
+
+
+def _first_header(ws: Workspace, catalog: Catalog, study_key: str) -> pydicom.Dataset | None:
+    """Header of one raw image of the study: the source of its report's deny list and date offset."""
+    row = catalog.db.execute(
+        "SELECT i.raw_path FROM instances i JOIN series s ON s.key = i.series_key WHERE s.study_key = ? "
+        "ORDER BY i.key LIMIT 1", (study_key,)).fetchone()
+    return pydicom.dcmread(ws.root / row["raw_path"], stop_before_pixels=True) if row else None
 
 
 def _write_audit(ws: Workspace, name: str, record: dict) -> None:
@@ -356,10 +361,8 @@ def audit_output(ws: Workspace, directory: Path | None = None, progress: Progres
             out = ws.deid / r["study_key"] / "report.txt"
             if not out.is_file() or not (directory == out.parent or directory in out.parents):
                 continue
-            first = catalog.db.execute(
-                "SELECT i.raw_path FROM instances i JOIN series s ON s.key = i.series_key WHERE s.study_key = ? "
-                "ORDER BY i.key LIMIT 1", (r["study_key"],)).fetchone()
-            deny = deny_list_from_dataset(pydicom.dcmread(ws.root / first["raw_path"], stop_before_pixels=True))
+            ds = _first_header(ws, catalog, r["study_key"])
+            deny = deny_list_from_dataset(ds) if ds is not None else set()
             _record_hits(report, scan_file(out, deny, name=str(out.relative_to(ws.root))))
             covered.add(out)
     for f in sorted(p for p in directory.rglob("*") if p.is_file() and p not in covered and not p.name.startswith(".")):
