@@ -13,6 +13,9 @@ def prepare_prefect_env(workspace_root: Path) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    # The ephemeral API server migrates a fresh SQLite database on first start; on a busy
+    # 2-core machine that takes longer than Prefect's 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     if not os.environ.get("PREFECT_API_URL"):
         home = Path(workspace_root) / "runs" / "prefect"
         home.mkdir(parents=True, exist_ok=True)

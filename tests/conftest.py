@@ -17,6 +17,7 @@ from appliance.workspace import init_workspace
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="rfm-test-prefect-"))
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 GE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "dcm_qa_ct_GE"
 SMALL_PREPROCESS = {"spacing_mm": [6.0, 6.0, 8.0], "canvas": [64, 64, 40], "workers": 1}
