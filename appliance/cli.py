@@ -19,6 +19,8 @@ from rich.table import Table
 
 from appliance.errors import ApplianceError
 
+DEMO_STUDIES = 120  # keep equal to appliance.demo.DEMO_STUDIES (not imported: the CLI starts fast)
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -388,6 +390,81 @@ def review_import(path: Annotated[Path, typer.Argument(help="The filled-in CSV."
 
 
 # --- status / quarantine -----------------------------------------------------------------------
+# --- train / eval ------------------------------------------------------------------------------
+@app.command()
+def train(workspace: WorkspaceOpt = Path("."),
+          resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run.")] = False) -> None:
+    """Train GreenRFM (stage 1 supervised, stage 2 alignment) with the hardware plan `rfm doctor` shows."""
+    from appliance.workspace import open_workspace
+
+    _train(open_workspace(workspace), resume=resume)
+
+
+def _train(ws, resume: bool) -> dict:
+    from appliance.train import train_workspace
+
+    with progress_bars() as bars:
+        result = train_workspace(ws, resume=resume, progress=RichProgress(bars)).to_dict()
+    print_train_summary(result)
+    return result
+
+
+def print_train_summary(r: dict) -> None:
+    plan = r["plan"]
+    t = Table(title="Train")
+    for col in ("phase", "epochs", "optimiser steps", "samples/s", "last losses", "validation"):
+        t.add_column(col)
+    for p in r["phases"]:
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in p["last_losses"].items())
+        val = ", ".join(f"{k} {v:.3f}" for k, v in (p.get("val") or {}).items() if v is not None)
+        t.add_row(p["name"], str(p["epochs"]), str(p["steps"]), f"{p['samples_per_s']:.2f}", losses, val or "-")
+    console.print(t)
+    energy = r["energy"]
+    kwh = energy.get("total_kwh")
+    console.print(f"plan {plan['name']}: {plan['variant']}, micro-batch {plan['micro_batch']} x {plan['grad_accumulation']}"
+                  f" accumulation, {plan['precision']} on {plan['device']}"
+                  + (f"; {r['oom_backoffs']} out-of-memory back-offs" if r["oom_backoffs"] else ""))
+    console.print(f"studies: {r['n_items']['train']} train, {r['n_items']['val']} val, {r['n_items']['test']} test series; "
+                  f"{len(r['findings'])} findings; {r['seconds']:.0f} s"
+                  + (f"; energy {kwh:.4f} kWh ({energy['co2e_g']:.1f} g CO2e)" if kwh is not None else
+                     f"; energy not measured ({energy['gpu_method']})"))
+    console.print(f"model: {r['model_path']}" + (f"  (MLflow run {r['mlflow_run_id']})" if r["mlflow_run_id"] else ""))
+
+
+@app.command("eval")
+def eval_cmd(workspace: WorkspaceOpt = Path("."),
+             run: Annotated[Optional[Path], typer.Option(help="Run folder (default: newest finished run).")] = None) -> None:
+    """Zero-shot AUC, retrieval R@K, linear probe and bootstrap CIs on the held-out test studies."""
+    from appliance.workspace import open_workspace
+
+    _eval(open_workspace(workspace), run)
+
+
+def _eval(ws, run: Path | None) -> dict:
+    from appliance.evaluate.stage import evaluate_run
+
+    with progress_bars() as bars:
+        result = evaluate_run(ws, run, progress=RichProgress(bars))
+    print_eval_summary(result)
+    return result
+
+
+def print_eval_summary(r: dict) -> None:
+    t = Table(title="Evaluation (held-out test studies)", show_header=False)
+    lo, hi = r["zero_shot_auc_ci"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    t.add_row("zero-shot mean AUC", fmt(r["zero_shot_auc"]) + (f" [95% CI {lo:.3f}-{hi:.3f}]" if lo is not None else "")
+              + f" over {r['findings_scored']} findings")
+    t.add_row("zero-shot AUC per prompt pair", ", ".join(fmt(v) for v in r["prompt_pairs"]))
+    t.add_row("shared-classifier AUC", fmt(r["classifier_auc"]))
+    t.add_row("linear-probe AUC", fmt(r["linear_probe_auc"]))
+    t.add_row("report->volume recall", ", ".join(f"R@{k} {v:.2f} (random {r['random_recall'][k]:.2f})"
+                                                 for k, v in r["recall"].items()))
+    t.add_row("test studies", str(r["n_test_studies"]))
+    t.add_row("report", r["report"].get("markdown", "-"))
+    console.print(t)
+
+
 @app.command()
 def status(workspace: WorkspaceOpt = Path(".")) -> None:
     """What the catalog holds and where each stage stands."""
@@ -430,8 +507,9 @@ def quarantine(workspace: WorkspaceOpt = Path(".")) -> None:
 # --- demo / bench ------------------------------------------------------------------------------
 @app.command()
 def demo(directory: Annotated[Path, typer.Option("--dir", help="Folder for the demo source and workspace.")] = Path("demo"),
-         studies: Annotated[int, typer.Option(min=2, help="Synthetic studies.")] = 20,
-         seed: Annotated[int, typer.Option(help="Random seed.")] = 0) -> None:
+         studies: Annotated[int, typer.Option(min=2, help="Synthetic studies.")] = DEMO_STUDIES,
+         seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+         epochs: Annotated[Optional[int], typer.Option(min=0, help="Epochs per training stage (default: the demo's).")] = None) -> None:
     """Run the whole site pipeline (Prefect flow) on a fresh synthetic cohort and summarise it."""
     from appliance.demo import run_demo
     from appliance.progress import set_default_progress
@@ -439,13 +517,15 @@ def demo(directory: Annotated[Path, typer.Option("--dir", help="Folder for the d
     with progress_bars() as bars:
         set_default_progress(RichProgress(bars))
         try:
-            result = run_demo(directory, studies=studies, seed=seed)
+            result = run_demo(directory, studies=studies, seed=seed, epochs=epochs)
         finally:
             set_default_progress(None)
     print_ingest_summary(result["stages"]["ingest"])
     print_deid_summary(result["stages"]["deid"])
     print_preprocess_summary(result["stages"]["preprocess"])
     print_labels_summary(result["stages"]["labels"])
+    print_train_summary(result["stages"]["train"])
+    print_eval_summary(result["stages"]["eval"])
     t = Table(title="Demo")
     for col in ("stage", "result", "seconds"):
         t.add_column(col)
@@ -528,6 +608,52 @@ def bench_labels_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")
                   f"latency {m['latency_s']} s, ceiling {m['ceiling_per_s']}/s, server saw {m['server_max_in_flight']} at once")
     console.print(t)
     console.print(f"concurrency speed-up vs one at a time: {c['speedup_vs_one_at_a_time']:.1f}x")
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"written to {out}")
+
+
+@bench_app.command("train")
+def bench_train_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-train.json"),
+                    steps: Annotated[int, typer.Option(min=1, help="Timed optimiser steps per stage.")] = 3,
+                    warmup: Annotated[int, typer.Option(min=0, help="Untimed optimiser steps before them.")] = 1,
+                    quick: Annotated[bool, typer.Option("--quick", help="Only the demo crop (96x96x48), not 192x192x96.")] = False,
+                    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+                    emulate_gb: Annotated[Optional[float], typer.Option(min=1.0, help="Plan for a GPU of this many GB and cap torch's allocator to it.")] = None,
+                    text: Annotated[str, typer.Option(help="Text encoder: auto (bert-base on GPU, tiny on CPU), tiny or bert-base.")] = "auto") -> None:
+    """Training samples/s per stage, peak GPU memory and RSS, and loader samples/s, per variant and crop."""
+    from appliance.bench import DEMO_CROP, RECIPE_CROP, bench_train
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ApplianceError(f"--device {device}: use auto, cpu or cuda")
+    if text not in ("auto", "tiny", "bert-base"):
+        raise ApplianceError(f"--text {text}: use auto, tiny or bert-base")
+    crops = (DEMO_CROP,) if quick else (RECIPE_CROP, DEMO_CROP)
+    with console.status("benchmarking training steps (one process per variant and crop) ..."):
+        result = bench_train(crops=crops, steps=steps, warmup=warmup, device=device, memory_fraction_gb=emulate_gb,
+                             text=text)
+    rows = result["results"]
+    texts = sorted({r["text_encoder"] for r in rows})
+    title = (f"rfm bench train ({result['gpu'] or 'CPU'}, torch {result['torch']}, text encoder {'/'.join(texts)}"
+             + (f", card emulated at {emulate_gb:g} GB" if emulate_gb and result["gpu"] else "") + ")")
+    backoffs = any(r["oom_backoffs"] or not r["finished"] for r in rows)
+    t = Table(title=title)
+    for col in ("variant", "crop", "micro x accum", "precision", "stage1 samples/s", "stage2 samples/s",
+                "loader samples/s", "peak GPU GB", "peak RSS MB") + (("OOM back-offs",) if backoffs else ()):
+        t.add_column(col)
+    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)
+    for r in rows:
+        plan = r["plan"]
+        cells = [r["variant"], "x".join(str(c) for c in r["crop"]), f"{plan['micro_batch']} x {plan['grad_accumulation']}",
+                 plan["precision"], fmt(r["stage1_samples_per_s"]),
+                 fmt(r["stage2_samples_per_s"]) if r["finished"] else "OOM", fmt(r["loader_samples_per_s"], "{:.1f}"),
+                 fmt(r["peak_gpu_mem_gb"]), f"{r['peak_rss_mb']:.0f}"]
+        if backoffs:
+            cells.append(f"{r['oom_backoffs']} (micro {r['final_micro_batch']})" if r["finished"]
+                         else f"OOM: {r['failure']}")
+        t.add_row(*cells)
+    console.print(t)
+    for note in result["notes"]:
+        console.print(f"- {note}")
     out.write_text(json.dumps(result, indent=2))
     console.print(f"written to {out}")
 

@@ -111,6 +111,83 @@ class ComputeSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class PlanOverrides(_Section):
+    """Any field of the hardware plan the site wants to fix instead of the planner's choice."""
+
+    variant: Literal["standard", "lite"] | None = None
+    micro_batch: int | None = Field(default=None, ge=1)
+    grad_accumulation: int | None = Field(default=None, ge=1)
+    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    activation_checkpointing: bool | None = None
+    channels_last_3d: bool | None = None
+    dataloader_workers: int | None = Field(default=None, ge=0)
+
+
+class Stage1Section(_Section):
+    epochs: int = Field(default=5, ge=0)
+    vision_lr: float = Field(default=1e-4, gt=0)
+    text_lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    min_lr: float = Field(default=1e-6, ge=0)
+
+
+class Stage2Section(_Section):
+    epochs: int = Field(default=5, ge=0)
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    min_lr: float = Field(default=1e-6, ge=0)
+    grad_clip: float = Field(default=0.5, gt=0)
+    bce_weight: float = Field(default=0.5, ge=0)
+    contrastive_batch: Literal["effective", "micro"] = "effective"
+
+
+class AblationSection(_Section):
+    l2_normalize: bool = False
+    one_stage: bool = False
+    shared_classifier: bool = True
+
+
+class TrainSection(_Section):
+    seed: int = 0
+    val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    test_fraction: float = Field(default=0.2, ge=0, lt=1)
+    crop: tuple[int, int, int] = (192, 192, 96)
+    uncertain: Literal["mask", "zero"] = "mask"
+    embed_dim: int = Field(default=768, ge=8)
+    text_model_dir: Path | None = None
+    text_max_tokens: int = Field(default=128, ge=8, le=512)
+    impression_first: bool = True
+    prompt_sentences: Literal["auto", "on", "off"] = "auto"
+    kinetics_weights: Path | None = None
+    checkpoint_every: int = Field(default=50, ge=1)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    stage1: Stage1Section = Stage1Section()
+    stage2: Stage2Section = Stage2Section()
+    ablation: AblationSection = AblationSection()
+    plan: PlanOverrides = PlanOverrides()
+
+    @field_validator("crop")
+    @classmethod
+    def _positive_crop(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(s < 8 for s in v):
+            raise ValueError("every crop size must be >= 8 voxels")
+        return v
+
+
+class EvaluateSection(_Section):
+    prompt_pair: int = Field(default=2, ge=0, le=4)
+    bootstrap: int = Field(default=1000, ge=0)
+    recall_at: tuple[int, ...] = (1, 5, 10, 50, 100)
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+
+
+class TrackingSection(_Section):
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "greenrfm"
+    grid_intensity_g_per_kwh: float = Field(default=400.0, ge=0)
+
+
 class WorkflowSection(_Section):
     task_retries: int = Field(default=2, ge=0, le=10)
     retry_delay_s: float = Field(default=5.0, ge=0)
@@ -123,6 +200,9 @@ class SiteConfig(_Section):
     preprocess: PreprocessSection = PreprocessSection()
     labels: LabelsSection = LabelsSection()
     compute: ComputeSection = ComputeSection()
+    train: TrainSection = TrainSection()
+    evaluate: EvaluateSection = EvaluateSection()
+    tracking: TrackingSection = TrackingSection()
     workflow: WorkflowSection = WorkflowSection()
 
 

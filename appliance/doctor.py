@@ -8,7 +8,7 @@ from pathlib import Path
 
 from appliance.config import SITE_YAML
 from appliance.errors import ApplianceError
-from appliance.hardware import detect_hardware, plan_profile
+from appliance.hardware import detect_hardware, plan_profile, training_plan
 
 MIN_FREE_DISK_GB = 20.0
 DECODER_PLUGINS = ("pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle")
@@ -17,13 +17,15 @@ DECODER_PLUGINS = ("pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle")
 def run_checks(workspace: Path) -> dict:
     hw = detect_hardware(workspace)
     device = "auto"
+    overrides: dict = {}
     checks: list[tuple[str, bool, str]] = []
     checks.append(("python", sys.version_info >= (3, 11), sys.version.split()[0]))
     if (workspace / SITE_YAML).is_file():
         from appliance.workspace import open_workspace
 
         try:
-            device = open_workspace(workspace).config().compute.device
+            cfg = open_workspace(workspace).config()
+            device, overrides = cfg.compute.device, cfg.train.plan.model_dump()
             checks.append(("workspace", True, f"{workspace.resolve()} (site.yaml valid)"))
         except ApplianceError as exc:
             checks.append(("workspace", False, str(exc)))
@@ -31,7 +33,7 @@ def run_checks(workspace: Path) -> dict:
         checks.append(("workspace", True, f"none at {workspace.resolve()} (create one with `rfm init`)"))
     checks.append(("disk", hw.disk_free_gb >= MIN_FREE_DISK_GB,
                    f"{hw.disk_free_gb} GB free (>= {MIN_FREE_DISK_GB:.0f} GB recommended)"))
-    for pkg in ("torch", "torchvision", "timm", "pydicom", "prefect", *DECODER_PLUGINS):
+    for pkg in ("torch", "torchvision", "timm", "transformers", "pydicom", "prefect", "mlflow", *DECODER_PLUGINS):
         try:
             checks.append((pkg, True, md.version(pkg)))
         except md.PackageNotFoundError:
@@ -45,7 +47,7 @@ def run_checks(workspace: Path) -> dict:
     except Exception as exc:  # a broken torch install must not stop the doctor
         checks.append(("torch CUDA", False, f"torch failed to import ({type(exc).__name__})"))
     try:
-        profile = plan_profile(hw, device).to_dict()
+        profile = training_plan(hw, device, overrides).to_dict()
     except ValueError as exc:
         profile = plan_profile(hw, "cpu").to_dict()
         checks.append(("profile", False, str(exc)))

@@ -1,5 +1,5 @@
-"""The site pipeline as a Prefect flow: one task per stage that exists, each calling the same
-plain stage function the CLI calls. Later stages (deid, labels, train, ...) add their task here.
+"""The site pipeline as a Prefect flow: one task per stage, each calling the same plain stage
+function the CLI calls.
 
 Run it with `rfm demo` or `rfm run`, or from Python after `prepare_prefect_env(workspace)`.
 """
@@ -13,10 +13,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from appliance.deid.stage import deidentify_workspace
+from appliance.evaluate.stage import evaluate_run
 from appliance.ingest import ingest_folder
 from appliance.labels.stage import label_workspace
 from appliance.preprocess.stage import preprocess_workspace
 from appliance.progress import LogProgress, default_progress
+from appliance.train import latest_run, train_workspace
 from appliance.workspace import open_workspace
 
 
@@ -59,9 +61,24 @@ def preprocess_task(workspace: str, force: bool = False) -> dict:
     return preprocess_workspace(ws, force=force, progress=_progress()).to_dict()
 
 
+@task(name="train", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def train_task(workspace: str) -> dict:
+    """Train GreenRFM; an unfinished run (killed process, task retry) is resumed, not restarted."""
+    ws = open_workspace(workspace)
+    resume = latest_run(ws, finished=False) is not None
+    return train_workspace(ws, resume=resume, progress=_progress()).to_dict()
+
+
+@task(name="eval", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def eval_task(workspace: str, run_dir: str | None = None) -> dict:
+    ws = open_workspace(workspace)
+    return evaluate_run(ws, Path(run_dir) if run_dir else None, progress=_progress())
+
+
 @flow(name="site-pipeline", log_prints=False)
-def site_pipeline(workspace: str, source: str | None = None, force: bool = False) -> dict:
-    """Ingest (when a source folder is given), de-identify, preprocess, label; returns each stage's summary."""
+def site_pipeline(workspace: str, source: str | None = None, force: bool = False, train: bool = True) -> dict:
+    """Ingest (when a source folder is given), de-identify, preprocess, label, then (unless
+    train=False) train and evaluate; returns each stage's summary."""
     cfg = open_workspace(workspace).config().workflow
     retry = {"retries": cfg.task_retries, "retry_delay_seconds": cfg.retry_delay_s}
     results: dict[str, dict] = {}
@@ -70,4 +87,7 @@ def site_pipeline(workspace: str, source: str | None = None, force: bool = False
     results["deid"] = deid_task.with_options(**retry)(workspace, force)
     results["preprocess"] = preprocess_task.with_options(**retry)(workspace, force)
     results["labels"] = labels_task.with_options(**retry)(workspace, force)
+    if train:
+        results["train"] = train_task.with_options(**retry)(workspace)
+        results["eval"] = eval_task.with_options(**retry)(workspace, results["train"]["run_dir"])
     return results

@@ -62,3 +62,52 @@ def make_workspace(root: Path, **sections) -> "Workspace":  # noqa: F821
 @pytest.fixture
 def workspace(tmp_path):
     return make_workspace(tmp_path / "site")
+
+
+# Training settings small enough for a CPU test: a crop whose last feature map still has 4 voxels (BatchNorm at micro-batch 1), one epoch per stage, a step every 4 samples.
+TINY_TRAIN = {"crop": [48, 48, 32], "val_fraction": 0.0, "test_fraction": 0.4, "embed_dim": 32,
+              "text_max_tokens": 64, "checkpoint_every": 1,
+              "stage1": {"epochs": 1, "vision_lr": 1e-3, "text_lr": 1e-3},
+              "stage2": {"epochs": 1, "lr": 1e-4},
+              "plan": {"micro_batch": 2, "grad_accumulation": 2, "dataloader_workers": 0}}
+
+
+@pytest.fixture(scope="session")
+def labelled_site(tmp_path_factory, small_cohort) -> Path:
+    """A workspace taken through ingest, deid, preprocess and labels once per session. Read-only:
+    tests take a copy with the `trainable` fixture."""
+    from appliance.deid.stage import deidentify_workspace
+    from appliance.ingest import ingest_folder
+    from appliance.labels.stage import label_workspace
+    from appliance.preprocess.stage import preprocess_workspace
+
+    ws = make_workspace(tmp_path_factory.mktemp("labelled") / "site", train=TINY_TRAIN,
+                        tracking={"enabled": False})
+    ingest_folder(ws, small_cohort / "dicom")
+    deidentify_workspace(ws)
+    preprocess_workspace(ws)
+    label_workspace(ws)
+    return ws.root
+
+
+@pytest.fixture
+def trainable(labelled_site, tmp_path) -> "Workspace":  # noqa: F821
+    from appliance.workspace import open_workspace
+
+    dst = tmp_path / "site"
+    shutil.copytree(labelled_site, dst)
+    return open_workspace(dst)
+
+
+def set_config(ws, **sections) -> None:
+    """Update site.yaml sections (nested dicts merged one level deep)."""
+    cfg = yaml.safe_load(ws.config_path.read_text()) or {}
+    for name, values in sections.items():
+        section = cfg.setdefault(name, {})
+        for k, v in values.items():
+            if isinstance(v, dict) and isinstance(section.get(k), dict):
+                section[k] = {**section[k], **v}
+            else:
+                section[k] = v
+    ws.config_path.write_text(yaml.safe_dump(cfg))
+    ws.config()

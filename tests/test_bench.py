@@ -49,3 +49,29 @@ def test_bench_labels_measures_rules_and_client_concurrency():
     assert concurrent["labelled"] == concurrent["reports"] == 40
     assert concurrent["server_max_in_flight"] == 8  # the client really kept 8 requests open
     assert result["openai_client"]["one_at_a_time"]["server_max_in_flight"] == 1
+
+
+def test_bench_train_on_cpu_reports_every_figure():
+    """A tiny crop, both variants, one step per stage: every figure is there, positive and JSON-able."""
+    import torch
+
+    from appliance.bench import bench_train
+
+    result = bench_train(crops=((32, 32, 16),), variants=("standard", "lite"), steps=1, warmup=0, device="cpu",
+                         loader_passes=1)
+    json.loads(json.dumps(result))
+    assert result["device"] == "cpu" and result["gpu"] is None and result["torch"] == torch.__version__
+    assert any("micro-batch x accumulation" in n for n in result["notes"])
+    assert [(r["variant"], r["crop"]) for r in result["results"]] == [("standard", [32, 32, 16]), ("lite", [32, 32, 16])]
+    for r in result["results"]:
+        assert r["finished"] and r["failure"] is None
+        assert set(r["stages"]) == {"stage1", "stage2"}
+        for key in ("stage1_samples_per_s", "stage2_samples_per_s", "loader_samples_per_s", "peak_rss_mb"):
+            assert r[key] > 0, key
+        for stage in r["stages"].values():
+            assert stage["samples"] == r["step_samples"] == 2 and stage["seconds"] > 0
+        assert r["peak_gpu_mem_gb"] is None  # no GPU: nothing to report
+        assert r["plan"]["variant"] == r["variant"] and r["plan"]["device"] == "cpu"
+        assert (r["plan"]["micro_batch"], r["plan"]["grad_accumulation"]) == (2, 1)
+        assert r["oom_backoffs"] == 0 and r["final_micro_batch"] == 2
+        assert r["text_encoder"] == "tiny"

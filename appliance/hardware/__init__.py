@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -161,18 +161,52 @@ def plan_profile(hw: HardwareInfo, device: str = "auto") -> HardwareProfile:
     ]
     if n > 1:
         reasons.append(f"{n} GPUs -> DDP via torchrun, one process per GPU")
+        if per_step > EFFECTIVE_BATCH:
+            reasons.append(f"{n} GPUs x micro-batch {tier.micro_batch} = {per_step} samples per step, above the "
+                           f"recipe's {EFFECTIVE_BATCH} (more InfoNCE negatives; lower train.plan.micro_batch to stay closer)")
     return HardwareProfile(
         name=tier.name if n == 1 else f"{tier.name}-x{n}",
         device="cuda", n_gpus=n, variant=tier.variant, micro_batch=tier.micro_batch,
-        grad_accumulation=max(1, -(-EFFECTIVE_BATCH // per_step)), effective_batch=EFFECTIVE_BATCH,
+        grad_accumulation=max(1, -(-EFFECTIVE_BATCH // per_step)),
+        effective_batch=per_step * max(1, -(-EFFECTIVE_BATCH // per_step)),
         precision="bf16" if bf16 else "fp16", activation_checkpointing=tier.activation_checkpointing,
         channels_last_3d=True, dataloader_workers=max(1, workers // n), distributed="ddp" if n > 1 else "none",
         reasons=reasons,
     )
 
 
-def _accumulation(micro_batch: int) -> int:
-    return max(1, -(-EFFECTIVE_BATCH // micro_batch))
+def _accumulation(micro_batch: int, n_gpus: int = 1) -> int:
+    return max(1, -(-EFFECTIVE_BATCH // (micro_batch * max(1, n_gpus))))
+
+
+def apply_overrides(profile: HardwareProfile, overrides: dict) -> HardwareProfile:
+    """The plan with site.yaml's `train.plan` fields put in; a new micro-batch keeps the effective batch."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return profile
+    if "micro_batch" in given and "grad_accumulation" not in given:
+        given["grad_accumulation"] = _accumulation(given["micro_batch"], profile.n_gpus)
+    if profile.device == "cpu" and given.get("precision", "fp32") != "fp32":
+        raise ValueError(f"train.plan.precision {given['precision']} needs a GPU; the CPU trains in fp32")
+    reasons = [*profile.reasons, "site.yaml train.plan sets " + ", ".join(f"{k}={v}" for k, v in given.items())]
+    return replace(profile, **given, reasons=reasons)
+
+
+def halve_micro_batch(profile: HardwareProfile) -> HardwareProfile | None:
+    """The back-off after a CUDA out-of-memory: half the micro-batch, twice the accumulation
+    (the effective batch stays); None when the micro-batch is already 1."""
+    if profile.micro_batch <= 1:
+        return None
+    micro = profile.micro_batch // 2
+    accumulation = -(-profile.grad_accumulation * profile.micro_batch // micro)  # ceil: never a smaller batch
+    return replace(profile, micro_batch=micro, grad_accumulation=accumulation,
+                   reasons=[*profile.reasons, f"CUDA out of memory at micro-batch {profile.micro_batch} "
+                            f"-> {micro} x {accumulation} accumulation"])
+
+
+def training_plan(hw: HardwareInfo, device: str, overrides: dict) -> HardwareProfile:
+    """plan_profile() followed by the site's overrides: the plan `rfm doctor` prints and training uses."""
+    return apply_overrides(plan_profile(hw, device), overrides)
 
 
 def visible_cpu_count() -> int:

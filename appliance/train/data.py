@@ -1,0 +1,205 @@
+"""Training data over the preprocessing cache: one item per cached series, with its study's
+de-identified report and label vector, split by patient, cropped as the recipe says.
+
+Randomness (the crop, the label sentence) is drawn from a generator seeded by (seed, epoch,
+item), not from global or worker state, so any number of loader workers and a resumed run see
+exactly the same samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from appliance.catalog import Catalog
+from appliance.errors import ApplianceError
+from appliance.evaluate.zero_shot import PROMPT_PAIRS
+from appliance.labels.stage import deidentified_reports
+from appliance.models.text import TextTokenizer, training_text
+from appliance.workspace import Workspace
+
+AIR = -1.0  # the cache maps HU to [-1, 1]; padding is air
+
+
+@dataclass(frozen=True)
+class TrainingItem:
+    series_key: str
+    study_key: str
+    patient_key: str
+    npy: Path
+    labels: tuple[int, ...]  # 1 / 0 / -1 per kept finding
+    text: str
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    findings: tuple[str, ...]
+    items: tuple[TrainingItem, ...]
+    dropped_findings: tuple[str, ...]
+    skipped: dict  # reason -> count of series left out
+
+
+def collect_training_data(ws: Workspace, *, impression_first_order: bool = True) -> TrainingData:
+    """Every cached series whose study has a de-identified report and labels; findings = those
+    the label consensus kept (labels/consensus.json)."""
+    labels_csv, consensus_path = ws.labels / "labels.csv", ws.labels / "consensus.json"
+    if not labels_csv.is_file():
+        raise ApplianceError("no labels yet: run `rfm labels` before training")
+    rows = list(csv.DictReader(io.StringIO(labels_csv.read_text())))
+    all_findings = [c for c in (rows[0].keys() if rows else []) if c != "study_key"]
+    kept = json.loads(consensus_path.read_text()).get("kept", all_findings) if consensus_path.is_file() else all_findings
+    findings = tuple(f for f in all_findings if f in set(kept))
+    if not findings:
+        raise ApplianceError("labels/consensus.json keeps no finding; nothing to train on")
+    labels = {r["study_key"]: tuple(int(r[f]) for f in findings) for r in rows}
+    skipped = {"no report": 0, "no labels": 0, "cache file missing": 0}
+    items = []
+    with Catalog(ws.catalog_path) as catalog:
+        reports = dict(deidentified_reports(ws, catalog))
+        patients = {r["key"]: r["patient_key"] or r["key"]
+                    for r in catalog.db.execute("SELECT key, patient_key FROM studies")}
+        cached = catalog.db.execute(
+            "SELECT s.key AS series_key, s.study_key, st.output FROM stage_status st JOIN series s ON s.key = st.key "
+            "WHERE st.kind = 'series' AND st.stage = 'preprocess' AND st.status = 'done' ORDER BY s.study_key, s.key"
+        ).fetchall()
+    for row in cached:
+        study = row["study_key"]
+        npy = ws.root / row["output"]
+        if study not in reports:
+            skipped["no report"] += 1
+        elif study not in labels:
+            skipped["no labels"] += 1
+        elif not npy.is_file():
+            skipped["cache file missing"] += 1
+        else:
+            text = training_text(reports[study], impression_first_order)
+            items.append(TrainingItem(row["series_key"], study, patients.get(study, study), npy, labels[study], text))
+    if not items:
+        raise ApplianceError("no cached series with a report and labels: run ingest, deid, preprocess and labels first")
+    return TrainingData(findings, tuple(items), tuple(f for f in all_findings if f not in findings),
+                        {k: v for k, v in skipped.items() if v})
+
+
+def split_by_patient(items: Sequence[TrainingItem], seed: int, val_fraction: float,
+                     test_fraction: float) -> dict[str, list[TrainingItem]]:
+    """Patients ordered by a seeded hash of their (opaque) key; the first test_fraction of them
+    are test, the next val_fraction validation, the rest training. Stable as the site grows:
+    a patient's split depends only on its key and the seed, plus its rank."""
+    patients = sorted({it.patient_key for it in items},
+                      key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    n = len(patients)
+    n_test = int(round(n * test_fraction)) if test_fraction > 0 else 0
+    n_val = int(round(n * val_fraction)) if val_fraction > 0 else 0
+    if n - n_test - n_val < 1:
+        raise ApplianceError(f"{n} patients are too few to split into train/val/test")
+    split_of = {p: "test" for p in patients[:n_test]}
+    split_of.update({p: "val" for p in patients[n_test:n_test + n_val]})
+    out: dict[str, list[TrainingItem]] = {"train": [], "val": [], "test": []}
+    for it in items:
+        out[split_of.get(it.patient_key, "train")].append(it)
+    return out
+
+
+def crop_or_pad(volume: np.ndarray, size_zyx: tuple[int, int, int], start: tuple[int, int, int] | None) -> np.ndarray:
+    """A (Z, Y, X) window of `size_zyx`; start=None takes the centre. Short axes are padded with air."""
+    out = np.full(size_zyx, AIR, dtype=np.float32)
+    src, dst = [], []
+    for axis, (n, want) in enumerate(zip(volume.shape, size_zyx)):
+        if n >= want:
+            s = (n - want) // 2 if start is None else start[axis]
+            src.append(slice(s, s + want))
+            dst.append(slice(0, want))
+        else:
+            off = (want - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(off, off + n))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
+
+
+def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index, 0x5EED])
+
+
+class VolumeReportDataset(Dataset):
+    """(volume, report tokens, labels[, one label sentence]) per item.
+
+    Training draws a random crop; evaluation takes the centre crop. With `label_sentences`, each
+    sample also carries one short sentence stating one of its labels in the prompt wording
+    ("There is no emphysema."), supervised on that finding only.
+    """
+
+    def __init__(self, items: Sequence[TrainingItem], findings: Sequence[str], tokenizer: TextTokenizer,
+                 crop_xyz: tuple[int, int, int], *, train: bool, seed: int = 0, label_sentences: bool = False):
+        self.items = list(items)
+        self.findings = list(findings)
+        self.crop_zyx = (crop_xyz[2], crop_xyz[1], crop_xyz[0])
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.label_sentences = label_sentences
+        self.tokenizer = tokenizer
+        self.report_ids, self.report_mask = tokenizer.encode([it.text for it in self.items])
+        self.labels = torch.tensor([it.labels for it in self.items], dtype=torch.float32)
+        if label_sentences:
+            sentences = [pair[v == 0].format(p=f) for f in self.findings for pair in PROMPT_PAIRS for v in (1, 0)]
+            self.sentence_ids, self.sentence_mask = tokenizer.encode(sentences)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        volume = np.load(item.npy, mmap_mode="r")
+        rng = item_rng(self.seed, self.epoch, index)
+        start = None
+        if self.train:
+            start = tuple(int(rng.integers(0, max(0, n - w) + 1)) for n, w in zip(volume.shape, self.crop_zyx))
+        sample = {
+            "index": index,
+            "volume": torch.from_numpy(crop_or_pad(volume, self.crop_zyx, start)).unsqueeze(0),
+            "input_ids": self.report_ids[index],
+            "attention_mask": self.report_mask[index],
+            "labels": self.labels[index],
+        }
+        if self.label_sentences:
+            known = [c for c, v in enumerate(item.labels) if v in (0, 1)]
+            c = int(rng.choice(known)) if known else int(rng.integers(len(self.findings)))
+            value = item.labels[c] if known else -1
+            pair = int(rng.integers(len(PROMPT_PAIRS)))
+            row = (c * len(PROMPT_PAIRS) + pair) * 2 + (value == 0)
+            target = torch.full((len(self.findings),), -1.0)
+            target[c] = float(value)
+            sample.update(sentence_ids=self.sentence_ids[row], sentence_mask=self.sentence_mask[row],
+                          sentence_labels=target)
+        return sample
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, sharded across DDP ranks, started at a sample offset
+    (the data position a checkpoint records) so a resumed run continues mid-epoch."""
+
+    def __init__(self, n: int, seed: int, epoch: int, *, shuffle: bool = True, start: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)) if shuffle \
+            else torch.arange(n)
+        per_rank = n // world_size  # equal shards: every rank takes the same number of steps
+        self.indices = order[rank * per_rank:(rank + 1) * per_rank].tolist()[start:]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
