@@ -248,7 +248,7 @@ def bench_labels(studies: int = 100, latency_s: float = 0.2, max_in_flight: int 
 # --- rfm bench train ---------------------------------------------------------------------------
 
 RECIPE_CROP = (192, 192, 96)  # RECIPES.md section 1: random 192x192x96 training crop (x, y, z)
-DEMO_CROP = (96, 96, 48)      # fits the demo's 128x128x56 canvas (appliance/demo.py)
+DEMO_CROP = (56, 56, 36)      # the demo's training crop (appliance/demo.py DEMO_SETTINGS)
 CROP_MARGIN = (8, 8, 4)       # cached volumes are this much larger than the crop, so the random crop moves
 BENCH_FINDINGS = 18           # CT-RATE vocabulary
 BERT_BASE = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from appliance.errors import ApplianceError
 
-DEMO_STUDIES = 120  # keep equal to appliance.demo.DEMO_STUDIES (not imported: the CLI starts fast)
+DEMO_STUDIES = 360  # keep equal to appliance.demo.DEMO_STUDIES (not imported: the CLI starts fast)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -616,7 +616,7 @@ def bench_labels_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")
 def bench_train_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-train.json"),
                     steps: Annotated[int, typer.Option(min=1, help="Timed optimiser steps per stage.")] = 3,
                     warmup: Annotated[int, typer.Option(min=0, help="Untimed optimiser steps before them.")] = 1,
-                    quick: Annotated[bool, typer.Option("--quick", help="Only the demo crop (96x96x48), not 192x192x96.")] = False,
+                    quick: Annotated[bool, typer.Option("--quick", help="Only the demo crop (56x56x36), not 192x192x96.")] = False,
                     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
                     emulate_gb: Annotated[Optional[float], typer.Option(min=1.0, help="Plan for a GPU of this many GB and cap torch's allocator to it.")] = None,
                     text: Annotated[str, typer.Option(help="Text encoder: auto (bert-base on GPU, tiny on CPU), tiny or bert-base.")] = "auto") -> None:

@@ -24,6 +24,18 @@ def test_init_then_doctor(tmp_path, capsys):
         assert report["profile"]["device"] == "cpu"
 
 
+def test_doctor_prints_the_plan_with_site_overrides(tmp_path, capsys):
+    ws = tmp_path / "site"
+    main(["init", str(ws)])
+    (ws / "site.yaml").write_text("train:\n  plan:\n    micro_batch: 4\n    dataloader_workers: 0\n")
+    capsys.readouterr()
+    assert main(["doctor", "-w", str(ws), "--json"]) == 0
+    profile = json.loads(capsys.readouterr().out)["profile"]
+    assert profile["micro_batch"] == 4 and profile["dataloader_workers"] == 0
+    assert profile["grad_accumulation"] * profile["micro_batch"] * max(1, profile["n_gpus"]) >= 10
+    assert any("train.plan" in r for r in profile["reasons"])
+
+
 def test_doctor_says_no_gpu_without_one(tmp_path, capsys):
     from appliance.hardware import detect_hardware
 

@@ -15,7 +15,8 @@ import pytest
 def test_demo_runs_the_flow_and_writes_the_summary(tmp_path):
     demo_dir = tmp_path / "demo"
     env = dict(os.environ, COLUMNS="200")
-    proc = subprocess.run([str(Path(sys.executable).parent / "rfm"), "demo", "--dir", str(demo_dir), "--studies", "4"],
+    proc = subprocess.run([str(Path(sys.executable).parent / "rfm"), "demo", "--dir", str(demo_dir), "--studies", "12",
+                           "--epochs", "1"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((demo_dir / "site" / "demo-summary.json").read_text())
@@ -29,8 +30,13 @@ def test_demo_runs_the_flow_and_writes_the_summary(tmp_path):
     assert pre["series_done"] == ing["series_accepted"]
     labels = summary["stages"]["labels"]
     assert labels["reports"] == summary["cohort"]["studies"] and labels["queued"] == 0
-    assert [r["stage"] for r in summary["table"]] == ["synthesise", "ingest", "deid", "preprocess", "labels", "total"]
-    for word in ("Demo", "ingest", "preprocess", "quarantined"):
+    assert [r["stage"] for r in summary["table"]] == ["synthesise", "ingest", "deid", "preprocess", "labels", "train",
+                                                      "eval", "total"]
+    train, ev = summary["stages"]["train"], summary["stages"]["eval"]
+    assert [p["name"] for p in train["phases"]] == ["stage1", "stage2"] and all(p["steps"] > 0 for p in train["phases"])
+    assert 0.0 <= ev["zero_shot_auc"] <= 1.0 and ev["n_test_studies"] >= 1
+    assert Path(ev["report"]["markdown"]).is_file()
+    for word in ("Demo", "ingest", "preprocess", "quarantined", "zero-shot mean AUC", "R@1", "R@5"):
         assert word in proc.stdout
     # nothing identifying in what the operator sees
     gt = json.loads((demo_dir / "cohort" / "ground_truth.json").read_text())
@@ -38,10 +44,10 @@ def test_demo_runs_the_flow_and_writes_the_summary(tmp_path):
     shown = proc.stdout + proc.stderr
     assert not [v for v in phi if v in shown]
     # a second demo replaces the first
-    again = subprocess.run([str(Path(sys.executable).parent / "rfm"), "demo", "--dir", str(demo_dir), "--studies", "2"],
-                           capture_output=True, text=True, env=env, timeout=600)
+    again = subprocess.run([str(Path(sys.executable).parent / "rfm"), "demo", "--dir", str(demo_dir), "--studies", "10",
+                            "--epochs", "0"], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((demo_dir / "site" / "demo-summary.json").read_text())["cohort"]["studies"] == 2
+    assert json.loads((demo_dir / "site" / "demo-summary.json").read_text())["cohort"]["studies"] == 10
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):

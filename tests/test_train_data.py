@@ -129,12 +129,16 @@ def test_too_few_patients_to_split():
 
 def test_epoch_sampler_is_a_seeded_permutation_per_epoch():
     a = list(EpochSampler(50, seed=1, epoch=0))
-    assert sorted(a) == list(range(50))
+    assert sorted(a) == list(range(50, 100))  # keys carry the epoch: (epoch + 1) * n + index
     assert list(EpochSampler(50, seed=1, epoch=0)) == a
     assert list(EpochSampler(50, seed=1, epoch=1)) != a
     assert list(EpochSampler(50, seed=2, epoch=0)) != a
     assert a != list(range(50))
-    assert list(EpochSampler(5, seed=1, epoch=3, shuffle=False)) == [0, 1, 2, 3, 4]
+    assert list(EpochSampler(5, seed=1, epoch=3, shuffle=False)) == [20, 21, 22, 23, 24]
+    s = EpochSampler(50, seed=1, epoch=0)
+    s.set_epoch(1, start=10)
+    assert list(s) == list(EpochSampler(50, seed=1, epoch=1))[10:]
+
 
 
 def test_epoch_sampler_start_skips_the_first_samples():
@@ -266,3 +270,14 @@ def test_label_sentences_state_one_known_label(items, tokenizer):
     # item 0 knows findings 0 and 2, item 2 knows all three; over six epochs more than one is drawn
     assert {c for i, c in seen if i == 0} == {0, 2}
     assert len({c for i, c in seen if i == 2}) >= 2
+
+
+def test_dataset_reads_the_epoch_from_sampler_keys(items, tokenizer):
+    """A persistent worker's dataset copy never sees set_epoch: the key tells it the epoch."""
+    ds = VolumeReportDataset(items, FINDINGS, tokenizer, CROP_XYZ, train=True, seed=0)
+    n = len(items)
+    ds.set_epoch(2)
+    direct = ds[1]["volume"]
+    ds.set_epoch(0)
+    assert torch.equal(ds[(2 + 1) * n + 1]["volume"], direct)
+    assert ds[(2 + 1) * n + 1]["index"] == 1

@@ -82,8 +82,12 @@ def _latent_factors(rng: np.random.Generator) -> dict:
     }
 
 
-def _draw_findings(rng: np.random.Generator, f: dict, infection: bool) -> set[str]:
-    """Findings planted in one study from latent causes (heart failure, smoking/age, infection, malignancy)."""
+def _draw_findings(rng: np.random.Generator, f: dict, infection: bool, enrich: float = 0.0) -> set[str]:
+    """Findings planted in one study from latent causes (heart failure, smoking/age, infection, malignancy).
+
+    `enrich` is added to every finding's log-odds: 0 gives the realistic prevalences (2-25 %);
+    a small cohort meant for training and testing a model uses a positive value so that every
+    finding has enough positive studies to learn from and to measure an AUC on."""
     hf, sm, mal, dev = (float(f[k]) for k in ("heart_failure", "smoker", "malignancy", "device"))
     inf, age = float(infection), (f["age"] - 60) / 10.0
     logits = {
@@ -105,8 +109,8 @@ def _draw_findings(rng: np.random.Generator, f: dict, infection: bool) -> set[st
         "interlobular septal thickening": -3.4 + 2.2 * hf,
         "pleural effusion": -3.3 + 2.6 * hf + 1.6 * inf + 1.8 * mal,
     }
-    found = {name for name, logit in logits.items() if rng.random() < _sigmoid(logit)}
-    atel = -2.0 + 1.0 * inf + 1.2 * ("pleural effusion" in found) + 0.2 * age
+    found = {name for name, logit in logits.items() if rng.random() < _sigmoid(logit + enrich)}
+    atel = -2.0 + 1.0 * inf + 1.2 * ("pleural effusion" in found) + 0.2 * age + enrich
     if rng.random() < _sigmoid(atel):
         found.add("atelectasis")
     return found
@@ -174,6 +178,7 @@ def generate_cohort(
     matrix: int = 96,
     slices: int = 48,
     progress: Callable[[int], None] | None = None,
+    enrich_findings: float = 0.0,
 ) -> CohortSummary:
     """Write `n_studies` synthetic chest CT studies with reports, planted PHI and ground truth under `out_dir`.
 
@@ -201,7 +206,7 @@ def generate_cohort(
         prior = visits_done.get(patient, [])
         date = pt["first_visit"] if not prior else prior[-1]["date"] + dt.timedelta(days=int(srng.integers(60, 500)))
         infection = bool(srng.random() < 0.18)
-        findings = _draw_findings(srng, pt, infection)
+        findings = _draw_findings(srng, pt, infection, enrich_findings)
         if prior:  # chronic findings persist at follow-up
             findings |= prior[-1]["findings"] & _CHRONIC
         rec, report, files, series_count = _write_study(
@@ -223,7 +228,8 @@ def generate_cohort(
             fh.write(json.dumps(rep, ensure_ascii=False) + "\n")
     truth = {
         "generator": {"name": "appliance.synthetic.generate_cohort", "version": GENERATOR_VERSION, "seed": seed,
-                      "n_studies": n_studies, "matrix": matrix, "slices": slices},
+                      "n_studies": n_studies, "matrix": matrix, "slices": slices,
+                      "enrich_findings": enrich_findings},
         "vocabulary": list(CT_RATE_18),
         "studies": [r for _, r in records],
     }

@@ -160,10 +160,13 @@ class VolumeReportDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int) -> dict:
+        """`key` is an item index (this dataset's current epoch) or an EpochSampler key."""
+        n = len(self.items)
+        epoch, index = (key // n - 1, key % n) if key >= n else (self.epoch, key)
         item = self.items[index]
         volume = np.load(item.npy, mmap_mode="r")
-        rng = item_rng(self.seed, self.epoch, index)
+        rng = item_rng(self.seed, epoch, index)
         start = None
         if self.train:
             start = tuple(int(rng.integers(0, max(0, n - w) + 1)) for n, w in zip(volume.shape, self.crop_zyx))
@@ -189,17 +192,26 @@ class VolumeReportDataset(Dataset):
 
 class EpochSampler(torch.utils.data.Sampler):
     """A seeded permutation per epoch, sharded across DDP ranks, started at a sample offset
-    (the data position a checkpoint records) so a resumed run continues mid-epoch."""
+    (the data position a checkpoint records) so a resumed run continues mid-epoch.
 
-    def __init__(self, n: int, seed: int, epoch: int, *, shuffle: bool = True, start: int = 0,
+    It yields keys `(epoch + 1) * n + index`, so the dataset learns the epoch from the key even in
+    persistent loader workers, whose copy of the dataset never sees `set_epoch`."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, *, shuffle: bool = True, start: int = 0,
                  rank: int = 0, world_size: int = 1):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)) if shuffle \
-            else torch.arange(n)
-        per_rank = n // world_size  # equal shards: every rank takes the same number of steps
-        self.indices = order[rank * per_rank:(rank + 1) * per_rank].tolist()[start:]
+        self.n, self.seed, self.shuffle, self.rank, self.world_size = n, seed, shuffle, rank, world_size
+        self.set_epoch(epoch, start)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch)) \
+            if self.shuffle else torch.arange(self.n)
+        per_rank = self.n // self.world_size  # equal shards: every rank takes the same number of steps
+        self.indices = order[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()[start:]
 
     def __iter__(self):
-        return iter(self.indices)
+        base = (self.epoch + 1) * self.n
+        return iter([base + i for i in self.indices])
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -25,7 +25,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -226,19 +225,28 @@ class _Trainer:
     def setup_data(self, split: dict[str, list[TrainingItem]], findings: list[str], tokenizer: TextTokenizer):
         self.findings = findings
         self.label_sentences = _use_label_sentences(self.cfg)
+        self._loader = None
         self.train_set = VolumeReportDataset(split["train"], findings, tokenizer, self.cfg.crop, train=True,
                                              seed=self.cfg.seed, label_sentences=self.label_sentences)
         self.val_set = VolumeReportDataset(split["val"], findings, tokenizer, self.cfg.crop, train=False,
                                            seed=self.cfg.seed) if split["val"] else None
 
     def loader(self, epoch: int, start: int) -> DataLoader:
+        """The training loader positioned at (epoch, sample offset). One loader per job: its workers
+        persist across epochs and are started by spawn, which is safe under Prefect's threads
+        (forking a threaded process is not) and costs one interpreter start per worker per job."""
         self.train_set.set_epoch(epoch)
-        sampler = EpochSampler(len(self.train_set), self.cfg.seed, epoch, start=start, rank=self.rank,
-                               world_size=self.world)
-        workers = self.plan.dataloader_workers
-        return DataLoader(self.train_set, batch_size=self.plan.micro_batch, sampler=sampler, num_workers=workers,
-                          pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
-                          persistent_workers=False)
+        if self._loader is None:
+            self._sampler = EpochSampler(len(self.train_set), self.cfg.seed, epoch, start=start, rank=self.rank,
+                                         world_size=self.world)
+            workers = self.plan.dataloader_workers
+            self._loader = DataLoader(
+                self.train_set, batch_size=self.plan.micro_batch, sampler=self._sampler, num_workers=workers,
+                pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
+                persistent_workers=workers > 0, multiprocessing_context="spawn" if workers else None)
+        else:
+            self._sampler.set_epoch(epoch, start)
+        return self._loader
 
     def samples_per_rank(self) -> int:
         return len(self.train_set) // self.world
