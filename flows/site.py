@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from appliance.deid.stage import deidentify_workspace
 from appliance.evaluate.stage import evaluate_run
@@ -34,7 +35,14 @@ def is_transient(task, task_run, state) -> bool:
 
 
 def _progress():
-    return default_progress() or LogProgress(get_run_logger())
+    """The CLI's bars when it set them, else the Prefect run logger (a plain logger when a task's
+    function is called outside a flow run)."""
+    if default_progress() is not None:
+        return default_progress()
+    try:
+        return LogProgress(get_run_logger())
+    except MissingContextError:
+        return LogProgress()
 
 
 @task(name="ingest", cache_policy=NO_CACHE, retry_condition_fn=is_transient)

@@ -368,3 +368,14 @@ def test_forward_and_encoders(model, tokenizer):
     with torch.no_grad():
         cls = model.text(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
     assert torch.allclose(text, model.text_proj(cls), atol=1e-6)
+
+
+def test_site_tokenizer_is_the_same_on_every_build():
+    """tokenizers' WordPiece trainer breaks ties in hash-map order; the site vocabulary must not,
+    or token ids (and every trained weight) would change from run to run."""
+    from appliance.models import build_site_tokenizer
+
+    corpus = [f"Report {i}: mild emphysema, small left pleural effusion, no consolidation." for i in range(20)]
+    vocabs = [build_site_tokenizer(corpus, vocab_size=120).tokenizer.get_vocab() for _ in range(3)]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+    assert {"emphysema", "effusion", "[CLS]", "##a"} <= set(vocabs[0]) and len(vocabs[0]) <= 120

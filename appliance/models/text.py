@@ -70,15 +70,32 @@ class TextTokenizer:
 
 
 def build_site_tokenizer(corpus: Sequence[str], vocab_size: int = 3000, max_length: int = 128) -> TextTokenizer:
-    """Learn a lower-cased BERT-style WordPiece vocabulary from the given texts."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A lower-cased BERT-style WordPiece tokenizer whose vocabulary comes from the given texts.
+
+    The vocabulary is built here rather than by `tokenizers`' WordPiece trainer, whose tie-breaking
+    follows hash-map order and changes from run to run (so would the token ids, and with them every
+    trained weight): special tokens, then every character seen (as itself and as a `##`
+    continuation), then whole words by falling frequency and alphabetically, up to vocab_size.
+    Words outside it fall back to characters.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words: Counter[str] = Counter()
+    for text in corpus:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab_list = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]
+    room = max(0, vocab_size - len(vocab_list))
+    vocab_list += [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1][:room]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab_list)}, unk_token="[UNK]",
+                                     max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(list(corpus), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
