@@ -181,24 +181,33 @@ def test_gradient_caching_equals_the_full_batch_gradient(trainable, tmp_path):
     tokenizer = build_site_tokenizer([it.text for it in items], vocab_size=300, max_length=64)
     spec = ModelSpec(variant="lite", n_classes=len(data.findings), embed_dim=32, text_vocab_size=tokenizer.vocab_size)
     grads = {}
-    for micro, accum in ((4, 1), (1, 4)):
+    for label, micro, accum, mode in (("full", 4, 1, "effective"), ("cached", 1, 4, "effective"),
+                                      ("per-micro", 1, 4, "micro")):
         plan = replace(plan_profile(detect_hardware(tmp_path), "cpu"), micro_batch=micro, grad_accumulation=accum,
                        dataloader_workers=0)
-        trainer = _Trainer(None, cfg, plan, tmp_path, SilentProgress(), None, None)
+        step_cfg = cfg.model_copy(update={"stage2": cfg.stage2.model_copy(update={"contrastive_batch": mode})})
+        trainer = _Trainer(None, step_cfg, plan, tmp_path, SilentProgress(), None, None)
         trainer.setup_data({"train": items, "val": [], "test": []}, list(data.findings), tokenizer)
         trainer.setup_model(spec)
-        trainer.model.eval()  # BatchNorm on running statistics, no dropout: both runs see identical forwards
+        trainer.model.eval()  # BatchNorm on running statistics, no dropout: every run sees identical forwards
         samples = [trainer.train_set[i] for i in range(4)]
         batch = {k: torch.stack([s[k] for s in samples]) if isinstance(samples[0][k], torch.Tensor)
                  else torch.tensor([s[k] for s in samples]) for k in samples[0]}
         losses = trainer.alignment_step(batch, 4)
-        grads[micro] = ({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}, losses)
-    (g4, l4), (g1, l1) = grads[4], grads[1]
-    assert l4["info_nce"] == pytest.approx(l1["info_nce"], rel=1e-5)
-    assert g4.keys() == g1.keys() and len(g4) > 10
-    for name in g4:
-        # float sums in another order: compare the whole tensor, not each near-zero element
-        assert (g4[name] - g1[name]).norm() <= 1e-4 * g4[name].norm() + 1e-9, name
+        grads[label] = ({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}, losses)
+    (full, l_full), (cached, l_cached), (micro, _) = grads["full"], grads["cached"], grads["per-micro"]
+    assert l_full["info_nce"] == pytest.approx(l_cached["info_nce"], rel=1e-5)
+    assert full.keys() == cached.keys() and len(full) > 10
+
+    def rel(a, b):
+        # a floor for gradients that are zero in exact arithmetic (attention key biases)
+        return float((a - b).norm() / max(float(a.norm()), 1e-6))
+
+    # batch 4 vs 4 x batch 1 differ only by float rounding through 18 layers (< 0.5 %) ...
+    worst = max(rel(full[n], cached[n]) for n in full)
+    assert worst < 5e-3
+    # ... while four 1-sample InfoNCEs (no negatives) give a different gradient altogether
+    assert rel(full["image_proj.weight"], micro["image_proj.weight"]) > 0.05
 
 
 def test_the_flow_trains_and_evaluates(trainable):
