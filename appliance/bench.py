@@ -496,8 +496,8 @@ def bench_train(crops=(RECIPE_CROP, DEMO_CROP), variants=("standard", "lite"), s
         "stage 1 = supervised_step (BCE of each encoder); stage 2 = alignment_step (InfoNCE over the effective "
         "batch by gradient caching: a no-grad pass then a grad pass, so about twice stage 1's work)",
         "loader samples/s = trainer.loader() over the cached volumes with the plan's workers and no model, "
-        f"{loader_passes} pass(es) after a warm-up pass; workers start once per pass as once per epoch, so "
-        "this small set under-states a long epoch, and the volumes sit in the page cache",
+        f"{loader_passes} pass(es) after a warm-up pass (the workers persist across passes, as across "
+        "epochs in training); the volumes sit in the page cache",
         "volumes are random float16 arrays the size of the crop plus a margin; items, keys, labels and reports "
         "are synthetic",
         "text encoder: bert-base = CXR-BERT's shape with random weights (what a site with CXR-BERT trains), "
