@@ -80,6 +80,7 @@ class TrainResult:
     oom_backoffs: int
     seconds: float
     world_size: int = 1
+    skipped: dict = field(default_factory=dict)  # series left out, by reason (rebuild them with rfm preprocess)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -276,6 +277,14 @@ class _Trainer:
 
     # -- one optimiser step -----------------------------------------------------------------
 
+    def _grad_sync(self, i: int, n_chunks: int):
+        """DDP all-reduces gradients only after the step's last micro-batch."""
+        return nullcontext() if (i == n_chunks - 1 or self.world == 1) else self.net.no_sync()
+
+    def _contrastive(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        l2 = self.cfg.ablation.l2_normalize
+        return info_nce(image, text, l2_normalize=l2, temperature=0.07 if l2 else 1.0)
+
     def known_counts(self, step_batch: dict) -> dict[str, torch.Tensor]:
         """How many labels the whole optimiser step supervises (over all ranks): every micro-batch's
         BCE is divided by these, so the step's loss is the same however it is split."""
@@ -300,7 +309,7 @@ class _Trainer:
         for i, mb in enumerate(chunks):
             _maybe_simulated_oom(len(mb["index"]))
             mb = _to_device(mb, self.device, self.plan.channels_last_3d)
-            sync = nullcontext() if (i == len(chunks) - 1 or self.world == 1) else self.net.no_sync()
+            sync = self._grad_sync(i, len(chunks))
             with sync:
                 with self.autocast():
                     losses = self._supervised_losses(mb, counts)
@@ -354,8 +363,7 @@ class _Trainer:
         offset = self.rank * len(local_img)
         global_img = torch.cat([global_img[:offset], local_img, global_img[offset + len(local_img):]])
         global_txt = torch.cat([global_txt[:offset], local_txt, global_txt[offset + len(local_txt):]])
-        l2 = self.cfg.ablation.l2_normalize
-        contrastive = info_nce(global_img, global_txt, l2_normalize=l2, temperature=0.07 if l2 else 1.0)
+        contrastive = self._contrastive(global_img, global_txt)
         # DDP averages gradients over ranks; each rank holds its own rows' share of the sum.
         grad_img, grad_txt = torch.autograd.grad(contrastive * self.world, [local_img, local_txt])
         totals = {"info_nce": float(contrastive.detach())}
@@ -365,7 +373,7 @@ class _Trainer:
             set_rng_state(states[i])
             n = len(mb["index"])
             mb = _to_device(mb, self.device, self.plan.channels_last_3d)
-            sync = nullcontext() if (i == len(chunks) - 1 or self.world == 1) else self.net.no_sync()
+            sync = self._grad_sync(i, len(chunks))
             with sync:
                 with self.autocast():
                     sup = self._supervised_losses(mb, counts)
@@ -387,16 +395,16 @@ class _Trainer:
         totals: dict[str, float] = {}
         chunks = _chunks(step_batch, self.plan.micro_batch)
         counts = self.known_counts(step_batch)
-        lam, l2 = self.cfg.stage2.bce_weight, self.cfg.ablation.l2_normalize
+        lam = self.cfg.stage2.bce_weight
         for i, mb in enumerate(chunks):
             _maybe_simulated_oom(len(mb["index"]))
             mb = _to_device(mb, self.device, self.plan.channels_last_3d)
-            sync = nullcontext() if (i == len(chunks) - 1 or self.world == 1) else self.net.no_sync()
+            sync = self._grad_sync(i, len(chunks))
             with sync:
                 with self.autocast():
                     sup = self._supervised_losses(mb, counts)
                     img, txt = self._last_latents
-                    contrastive = info_nce(img.float(), txt.float(), l2_normalize=l2, temperature=0.07 if l2 else 1.0)
+                    contrastive = self._contrastive(img.float(), txt.float())
                 weight = len(mb["index"]) / n_step
                 self.scaler.scale((contrastive * weight + lam * sup["loss"]) * self.world).backward()
             totals["info_nce"] = totals.get("info_nce", 0.0) + float(contrastive.detach()) * weight
@@ -691,7 +699,7 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
             findings=findings, n_items={k: len(v) for k, v in split.items()},
             phases=[asdict(s) | {"samples_per_s": s.samples_per_s} for s in summaries],
             energy=asdict(energy), resumed=resume_state is not None, oom_backoffs=trainer.oom_backoffs,
-            seconds=time.perf_counter() - t0, world_size=world)
+            seconds=time.perf_counter() - t0, world_size=world, skipped=data.skipped)
         if trainer.is_main:
             save_checkpoint(model_path, {"spec": spec.to_dict(), "findings": findings, "state_dict":
                                          trainer.model.state_dict(), "crop": list(cfg.crop),
