@@ -428,6 +428,9 @@ def print_train_summary(r: dict) -> None:
                   f"{len(r['findings'])} findings; {r['seconds']:.0f} s"
                   + (f"; energy {kwh:.4f} kWh ({energy['co2e_g']:.1f} g CO2e)" if kwh is not None else
                      f"; energy not measured ({energy['gpu_method']})"))
+    if r.get("skipped"):
+        console.print("[yellow]![/yellow] series left out: " + ", ".join(f"{k}: {v}" for k, v in r["skipped"].items())
+                      + " (rebuild them with `rfm preprocess --force`)")
     console.print(f"model: {r['model_path']}" + (f"  (MLflow run {r['mlflow_run_id']})" if r["mlflow_run_id"] else ""))
 
 

@@ -252,3 +252,15 @@ def test_ddp_with_torchrun_two_cpu_processes(trainable):
     n_train = result["n_items"]["train"]
     # each rank takes n // 2 samples per epoch in steps of micro 2 x accumulation 2
     assert result["phases"][0]["steps"] == -(-(n_train // 2) // 4)
+
+
+def test_a_damaged_cache_file_is_left_out_and_counted(trainable):
+    from appliance.train.data import collect_training_data
+
+    victim = sorted(trainable.cache.glob("*.npy"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated: header intact, data missing
+    data = collect_training_data(trainable)
+    assert data.skipped == {"cache file unreadable": 1}
+    assert victim not in {it.npy for it in data.items}
+    result = train_workspace(trainable)
+    assert result.skipped == {"cache file unreadable": 1} and (result.run_dir / "model.pt").is_file()

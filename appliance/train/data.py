@@ -61,7 +61,7 @@ def collect_training_data(ws: Workspace, *, impression_first_order: bool = True)
     if not findings:
         raise ApplianceError("labels/consensus.json keeps no finding; nothing to train on")
     labels = {r["study_key"]: tuple(int(r[f]) for f in findings) for r in rows}
-    skipped = {"no report": 0, "no labels": 0, "cache file missing": 0}
+    skipped = {"no report": 0, "no labels": 0, "cache file missing": 0, "cache file unreadable": 0}
     items = []
     with Catalog(ws.catalog_path) as catalog:
         reports = dict(deidentified_reports(ws, catalog))
@@ -80,6 +80,8 @@ def collect_training_data(ws: Workspace, *, impression_first_order: bool = True)
             skipped["no labels"] += 1
         elif not npy.is_file():
             skipped["cache file missing"] += 1
+        elif not _readable_volume(npy):
+            skipped["cache file unreadable"] += 1
         else:
             text = training_text(reports[study], impression_first_order)
             items.append(TrainingItem(row["series_key"], study, patients.get(study, study), npy, labels[study], text))
@@ -87,6 +89,16 @@ def collect_training_data(ws: Workspace, *, impression_first_order: bool = True)
         raise ApplianceError("no cached series with a report and labels: run ingest, deid, preprocess and labels first")
     return TrainingData(findings, tuple(items), tuple(f for f in all_findings if f not in findings),
                         {k: v for k, v in skipped.items() if v})
+
+
+def _readable_volume(npy: Path) -> bool:
+    """The header parses and the file holds all the data it announces (a cheap memory map):
+    a damaged cache file is left out up front instead of stopping training part-way."""
+    try:
+        volume = np.load(npy, mmap_mode="r", allow_pickle=False)
+        return volume.ndim == 3
+    except (ValueError, OSError):
+        return False
 
 
 def split_by_patient(items: Sequence[TrainingItem], seed: int, val_fraction: float,
