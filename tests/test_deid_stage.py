@@ -3,6 +3,8 @@ deterministic per key, audited, and resumable."""
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import shutil
 
@@ -12,7 +14,8 @@ import pytest
 
 from appliance.catalog import Catalog
 from appliance.cli import main
-from appliance.deid.stage import audit_output, deidentify_workspace
+from appliance.deid.keys import DeidKeys
+from appliance.deid.stage import audit_output, deidentify_workspace, load_keys
 from appliance.ingest import ingest_folder
 from appliance.preprocess import PreprocessSettings, load_series, resample_to_canvas
 from conftest import ground_truth, make_workspace
@@ -29,23 +32,73 @@ def _deid_files(ws):
     return sorted(p for p in ws.deid.rglob("*") if p.is_file())
 
 
-def test_no_planted_phi_survives_anywhere(cohort, deidentified):
-    ws, summary = deidentified
-    gt = ground_truth(cohort)
-    assert summary.series_quarantined == 0 and summary.reports_quarantined == 0 and summary.audit_hits == 0
-    assert summary.series_done == sum(len(s["series"]) for s in gt["studies"])
-    assert summary.reports_done == len(gt["studies"])
+def _parse_date(value: str) -> dt.date | None:
+    for fmt in ("%Y%m%d", "%m/%d/%Y"):
+        try:
+            return dt.datetime.strptime(value, fmt).date()
+        except ValueError:
+            pass
+    return None
+
+
+def _shifted_dates(gt: dict, keys) -> set[str]:
+    """Every planted date as the de-identifier legitimately rewrites it (each patient's own offset, both formats).
+
+    A shifted date can by chance equal some real date (say the same patient's prior exam): that is a
+    coincidence of the random key, not a surviving date, so such a value is not looked for as a string."""
+    out = set()
+    for study in gt["studies"]:
+        offset = dt.timedelta(days=keys.date_offset_days(study["patient_id"]))
+        for value in study["phi"]:
+            d = _parse_date(str(value).strip()) if len(str(value).strip()) in (8, 10) else None
+            if d is not None:
+                out |= {(d + offset).strftime("%Y%m%d"), (d + offset).strftime("%m/%d/%Y")}
+    return out
+
+
+def _assert_no_planted_phi(ws, gt: dict) -> set[str]:
+    """Fails on any planted PHI string or original UID in the de-identified output; returns the dates let pass."""
+    coincidences = _shifted_dates(gt, load_keys(ws))
     blob = b"".join(p.read_bytes() for p in _deid_files(ws)).lower()
     for study in gt["studies"]:
         for value in study["phi"]:
             v = str(value).strip()
-            if len(v) < 4:
+            if len(v) < 4 or v in coincidences:
                 continue
             for enc in ("latin-1", "utf-8", "utf-16-le"):
                 assert v.lower().encode(enc, "ignore") not in blob, f"planted PHI survived ({len(v)} chars, {enc})"
         assert study["study_instance_uid"].encode() not in blob
         for series in study["series"]:
             assert series["series_instance_uid"].encode() not in blob
+    return {v for v in coincidences if v.lower().encode() in blob}
+
+
+def test_no_planted_phi_survives_anywhere(cohort, deidentified):
+    ws, summary = deidentified
+    gt = ground_truth(cohort)
+    assert summary.series_quarantined == 0 and summary.reports_quarantined == 0 and summary.audit_hits == 0
+    assert summary.series_done == sum(len(s["series"]) for s in gt["studies"])
+    assert summary.reports_done == len(gt["studies"])
+    _assert_no_planted_phi(ws, gt)
+
+
+def test_shifted_date_equal_to_a_real_date_is_no_leak(cohort, workspace):
+    """A key whose offset moves one exam date exactly onto another planted date (about 1 run in 200 with a
+    random key): the output then holds that date string legitimately, and the check must tell the two apart."""
+    gt = ground_truth(cohort)
+    planted = {str(v) for st in gt["studies"] for v in st["phi"]}
+    planted_dates = {_parse_date(v) for v in planted if len(v) in (8, 10)} - {None}
+    study = gt["studies"][0]
+    exam = dt.datetime.strptime(study["study_date"], "%Y%m%d").date()
+    target = max((d - exam).days for d in planted_dates if -3650 <= (d - exam).days <= -30)
+    key = next(k for k in (hashlib.sha256(str(i).encode()).hexdigest() for i in range(200_000))
+               if DeidKeys(bytes.fromhex(k)).date_offset_days(study["patient_id"]) == target)
+    (workspace.root / workspace.config().deid.key_file).write_text(key + "\n")
+    ingest_folder(workspace, cohort / "dicom")
+    summary = deidentify_workspace(workspace)
+    assert summary.series_quarantined == 0 and summary.reports_quarantined == 0
+    let_pass = _assert_no_planted_phi(workspace, gt)
+    assert let_pass & planted, "the forced coincidence is in the output"
 
 
 def test_output_is_marked_and_still_usable(cohort, deidentified):
