@@ -119,14 +119,18 @@ def synth(out: Annotated[Path, typer.Argument(help="Folder to write the cohort i
           studies: Annotated[int, typer.Option(min=1, help="Number of studies.")] = 20,
           seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
           matrix: Annotated[int, typer.Option(min=32, help="In-plane matrix.")] = 96,
-          slices: Annotated[int, typer.Option(min=8, help="Slices per series.")] = 48) -> None:
+          slices: Annotated[int, typer.Option(min=8, help="Slices per series.")] = 48,
+          enrich: Annotated[float, typer.Option(min=0.0, max=4.0, help="Added to every finding's log-odds "
+                                                "(0: realistic prevalences).")] = 0.0,
+          conspicuity: Annotated[float, typer.Option(min=1.0, max=4.0, help="Draw findings this much larger "
+                                                     "(1: realistic sizes; the demo uses more).")] = 1.0) -> None:
     """Write a synthetic chest-CT cohort: DICOM series, reports.jsonl and ground_truth.json."""
     from appliance.synthetic import generate_cohort
 
     with progress_bars() as bars:
         task = bars.add_task("synthesise", total=studies)
         summary = generate_cohort(out, n_studies=studies, seed=seed, matrix=matrix, slices=slices,
-                                  progress=lambda k: bars.update(task, completed=k))
+                                  enrich_findings=enrich, conspicuity=conspicuity, progress=lambda k: bars.update(task, completed=k))
     t = Table(title="Synthetic cohort", show_header=False)
     t.add_row("studies", str(summary.n_studies))
     t.add_row("series", str(summary.n_series))

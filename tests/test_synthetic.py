@@ -203,6 +203,23 @@ def test_nodule_is_the_only_difference_and_is_dense():
         assert plain.hu_at(n["center_mm"]) < -500
 
 
+@pytest.mark.parametrize("finding", ["lung nodule", "coronary artery wall calcification", "medical material",
+                                     "bronchiectasis"])
+def test_conspicuity_draws_findings_larger(finding):
+    """The demo's coarse voxels need larger findings; 1 is the realistic default and changes nothing."""
+    plain = _small_phantom()
+
+    def changed(c):
+        ph = make_chest_phantom(3, {finding}, shape_zyx=(40, 80, 80), spacing_mm=(4.5, 4.5, 7.5), conspicuity=c)
+        return int((np.abs(ph.hu - plain.hu) > 50).sum())
+
+    assert np.array_equal(make_chest_phantom(3, {finding}, shape_zyx=(40, 80, 80), spacing_mm=(4.5, 4.5, 7.5),
+                                             conspicuity=1.0).hu, _small_phantom({finding}).hu)
+    assert changed(2.5) > 1.5 * changed(1.0) > 0
+    with pytest.raises(ValueError, match="conspicuity"):
+        make_chest_phantom(3, {finding}, conspicuity=0.5)
+
+
 def test_planted_nodules_visible_in_cohort_dicom(cohort):
     summary, truth, _, _ = cohort
     checked = 0

@@ -179,6 +179,7 @@ def generate_cohort(
     slices: int = 48,
     progress: Callable[[int], None] | None = None,
     enrich_findings: float = 0.0,
+    conspicuity: float = 1.0,
 ) -> CohortSummary:
     """Write `n_studies` synthetic chest CT studies with reports, planted PHI and ground truth under `out_dir`.
 
@@ -186,7 +187,9 @@ def generate_cohort(
     report sidecar `dicom/reports.jsonl` (one report per study, matched by study_instance_uid or
     accession_number). `ground_truth.json` sits beside it, outside what is ingested. Same arguments,
     same bytes.
-    `progress(k)` is called after the k-th study is written.
+    `progress(k)` is called after the k-th study is written. `enrich_findings` raises every finding's
+    prevalence (log-odds added); `conspicuity` draws findings larger (see `make_chest_phantom`).
+    Both default to the realistic cohort.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -211,7 +214,7 @@ def generate_cohort(
             findings |= prior[-1]["findings"] & _CHRONIC
         rec, report, files, series_count = _write_study(
             dicom_dir, seed, study_index, pt, visit, date, findings, prior[-1] if prior else None,
-            srng, matrix, slices, infection)
+            srng, matrix, slices, infection, conspicuity)
         visits_done.setdefault(patient, []).append({"date": date, "findings": findings, "rec": rec})
         records.append((study_index, rec))
         reports.append((study_index, report))
@@ -229,7 +232,7 @@ def generate_cohort(
     truth = {
         "generator": {"name": "appliance.synthetic.generate_cohort", "version": GENERATOR_VERSION, "seed": seed,
                       "n_studies": n_studies, "matrix": matrix, "slices": slices,
-                      "enrich_findings": enrich_findings},
+                      "enrich_findings": enrich_findings, "conspicuity": conspicuity},
         "vocabulary": list(CT_RATE_18),
         "studies": [r for _, r in records],
     }
@@ -249,7 +252,8 @@ def _file_namer(rng: np.random.Generator, style: int, n_slices: int) -> Callable
     return lambda i: f"{int(order[i]) + 1:08X}"
 
 
-def _write_study(dicom_dir, seed, study_index, pt, visit, date, findings, prior, srng, matrix, slices, infection):
+def _write_study(dicom_dir, seed, study_index, pt, visit, date, findings, prior, srng, matrix, slices, infection,
+                 conspicuity=1.0):
     vendor = _VENDORS[pt["vendor"]]
     inst_name, inst_addr, inst_code = pt["institution"]
     contrast = bool(srng.random() < 0.35)
@@ -313,7 +317,7 @@ def _write_study(dicom_dir, seed, study_index, pt, visit, date, findings, prior,
     center = (float(srng.normal(0, 8)), float(srng.uniform(-15, 12)), z_center + float(srng.normal(0, 8)))
     phantom = make_chest_phantom(pt["anatomy_seed"], findings, (slices, matrix, matrix), (pixel_mm, pixel_mm, slice_mm),
                                  origin_mm=origin, center_mm=center, contrast=contrast,
-                                 findings_seed=derived_seed(seed, "findings", study_index))
+                                 findings_seed=derived_seed(seed, "findings", study_index), conspicuity=conspicuity)
     study_dir = f"S{study_index + 1:04d}"
     style = int(srng.integers(3))
     transfer = ImplicitVRLittleEndian if srng.random() < 0.1 else ExplicitVRLittleEndian

@@ -106,7 +106,8 @@ def _ellipse_distance_2d(u, v, a, b, p=2.0):
 class _ChestBuilder:
     """Rasterises anatomy and findings into hu/tissue; coordinates u, v, w are mm from the chest centre."""
 
-    def __init__(self, shape_zyx, spacing_mm, origin_mm, center_mm, seed: int):
+    def __init__(self, shape_zyx, spacing_mm, origin_mm, center_mm, seed: int, conspicuity: float = 1.0):
+        self.conspicuity = float(conspicuity)  # size (and texture scale) multiplier of the findings
         self.shape = tuple(int(n) for n in shape_zyx)
         self.spacing = tuple(float(s) for s in spacing_mm)
         self.origin = tuple(float(o) for o in origin_mm)
@@ -534,7 +535,7 @@ def _blob(B, rng, center, radius: float, irregular_mm: float) -> _Occupancy:
 def _paint_lung_nodule(B, A, rng):
     nodules = []
     for _ in range(int(rng.choice([1, 1, 1, 2, 3]))):
-        diameter = float(np.round(rng.uniform(6, 20)))
+        diameter = float(np.round(min(rng.uniform(6, 20) * B.conspicuity, 30.0)))
         c = B.pick_lung_point(rng, diameter / 2 + 3)
         if c is None:
             break
@@ -568,7 +569,7 @@ def _paint_pleural_effusion(B, A, rng):
 
 
 def _paint_emphysema(B, A, rng):
-    g = B.smooth_noise(rng, 4.0)
+    g = B.smooth_noise(rng, 4.0 * B.conspicuity)
     upper = np.clip((B.wz - A["base"]) / A["lung_h"], 0, 1)[:, None, None]  # centrilobular: upper-lobe predominant
     severity = str(rng.choice(["mild", "moderate", "severe"], p=[0.45, 0.4, 0.15]))
     thr = {"mild": 1.1, "moderate": 0.7, "severe": 0.35}[severity] + 0.9 * (1 - upper)
@@ -631,7 +632,7 @@ def _paint_atelectasis(B, A, rng):
     normal = np.array([rng.normal(0, 0.25), rng.normal(0, 0.35), 1.0])
     normal /= np.linalg.norm(normal)
     extent = float(rng.uniform(30, 50))
-    thick = float(rng.uniform(5, 8))
+    thick = float(rng.uniform(5, 8)) * B.conspicuity
     occ = B.occupancy()
     pad = extent + B.soft
     sl = B.bbox(c - pad, c + pad)
@@ -671,7 +672,7 @@ def _paint_arterial_calcification(B, A, rng):
         d = d / np.linalg.norm(d)
         perp = np.cross(d, rng.normal(size=3))
         perp /= max(np.linalg.norm(perp), 1e-6)
-        B.add_sphere(occ, p + perp * (r_ao - 1.0), float(rng.uniform(2.2, 3.5)))
+        B.add_sphere(occ, p + perp * (r_ao - 1.0), float(rng.uniform(2.2, 3.5)) * B.conspicuity)
     B.paint(occ, float(rng.uniform(900, 1300)), Tissue.LESION)
     return {"count": n, "location": "aortic arch and descending thoracic aorta"}
 
@@ -685,7 +686,7 @@ def _paint_coronary_calcification(B, A, rng):
         lat = {"LAD": (0.0, 0.5), "LCx": (0.6, 0.95), "RCA": (-0.9, -0.4)}[name]
         d = np.array([rng.uniform(*lat), -rng.uniform(0.3, 1.0), rng.uniform(0.1, 0.7)])
         d /= np.linalg.norm(d)
-        B.add_sphere(occ, hc + hs * d * 1.0, float(rng.uniform(2.0, 3.2)))
+        B.add_sphere(occ, hc + hs * d * 1.0, float(rng.uniform(2.0, 3.2)) * B.conspicuity)
         vessels.append(name)
     B.paint(occ, float(rng.uniform(900, 1300)), Tissue.LESION)
     return {"vessels": sorted(set(vessels)), "count": len(vessels)}
@@ -703,21 +704,21 @@ def _paint_medical_material(B, A, rng):
         ra = hc + np.array([-0.55 * hs[0], 0.1 * hs[1], 0.3 * hs[2]])
         rv = hc + np.array([0.15 * hs[0], -0.55 * hs[1], -0.45 * hs[2]])
         lead = [gen, np.array([side * 0.3 * A["a_in"], -A["b_in"] + 12, A["apex"] - 5]), svc[0] * [1, 1, 0] + [0, 0, A["apex"] - 25], svc[1], ra, rv]
-        B.add_polyline(occ, lead, 1.4)
+        B.add_polyline(occ, lead, 1.4 * B.conspicuity)
         tip = "right ventricle"
         detail = {"side": _side_name(side), "leads_to": ["right atrium", "right ventricle"]}
     elif kind == "central venous catheter":
         side = -1 if rng.random() < 0.75 else 1
         line = [np.array([side * 40 * k, -20 * k, A["apex"] + 70]), np.array([side * 34 * k, -15 * k, A["apex"] - 10]),
                 svc[0] * [1, 1, 0] + [0, 0, A["apex"] - 30], svc[1]]
-        B.add_polyline(occ, line, 1.6)
+        B.add_polyline(occ, line, 1.6 * B.conspicuity)
         tip = "cavoatrial junction"
         detail = {"side": _side_name(side), "access": "internal jugular vein"}
     else:
         top, bottom = A["apex"] - 10, hc[2] - 0.6 * hs[2]
         st_v = -(A["b_in"] + 0.5 * A["muscle"])
         for w in np.linspace(top, bottom, 5):
-            B.add_capsule(occ, (-9 * k, st_v, w), (9 * k, st_v, w), 1.4)
+            B.add_capsule(occ, (-9 * k, st_v, w), (9 * k, st_v, w), 1.4 * B.conspicuity)
         tip = None
         detail = {"location": "sternum"}
     B.paint(occ, 3000.0, Tissue.DEVICE)
@@ -744,7 +745,7 @@ def _paint_lymphadenopathy(B, A, rng):
     occ = B.occupancy()
     nodes = []
     for i in sorted(chosen):
-        short = float(rng.uniform(12, 24))
+        short = float(rng.uniform(12, 24)) * min(B.conspicuity, 1.5)
         B.add_ellipsoid(occ, stations[i] + rng.normal(0, 2, 3), (short / 2, short / 2 * 1.1, short / 2 * 1.4))
         nodes.append(dict(station=_NODE_STATION_NAMES[i], short_axis_mm=round(short)))
     B.paint(occ, 38.0, Tissue.LESION)
@@ -752,10 +753,10 @@ def _paint_lymphadenopathy(B, A, rng):
 
 
 def _paint_fibrotic_sequela(B, A, rng):
-    g = B.smooth_noise(rng, 3.0)
+    g = B.smooth_noise(rng, 3.0 * B.conspicuity)
     depth = B.lung_depth_mm()
     basal = np.clip(1 - (B.wz - A["base"]) / (0.6 * A["lung_h"]), 0, 1)[:, None, None]
-    weight = np.clip(1 - np.abs(g) / 0.35, 0, 1) * (depth < 18) * (depth > 0) * basal
+    weight = np.clip(1 - np.abs(g) / 0.35, 0, 1) * (depth < 18 * B.conspicuity) * (depth > 0) * basal
     B.hu += weight * (-150.0 - B.hu) * (B.hu < -150)
     return {"distribution": "subpleural, basal predominant", "pattern": "reticulation and scarring"}
 
@@ -763,14 +764,14 @@ def _paint_fibrotic_sequela(B, A, rng):
 def _paint_mosaic(B, A, rng):
     g = B.smooth_noise(rng, 10.0)
     paren = (B.tissue == Tissue.LUNG) & (B.hu < -700)
-    B.hu += paren * np.clip(g / 0.5, -1, 1) * 75.0
+    B.hu += paren * np.clip(g / 0.5, -1, 1) * 75.0 * B.conspicuity
     return {"pattern": "geographic areas of differing lung attenuation"}
 
 
 def _paint_septal_thickening(B, A, rng):
-    g = B.smooth_noise(rng, 4.0)
+    g = B.smooth_noise(rng, 4.0 * B.conspicuity)
     depth = B.lung_depth_mm()
-    weight = np.clip(1 - np.abs(g) / 0.2, 0, 1) * (depth < 25) * (depth > 0)
+    weight = np.clip(1 - np.abs(g) / 0.2, 0, 1) * (depth < 25 * B.conspicuity) * (depth > 0)
     B.hu += weight * (-420.0 - B.hu) * (B.hu < -420)
     return {"distribution": "peripheral"}
 
@@ -784,7 +785,7 @@ def _paint_bronchiectasis(B, A, rng):
         tgt = B.pick_lung_point(rng, 8, where=_lung_where(B, side) & (B.wz < A["hilum_w"])[:, None, None])
         if tgt is None:
             continue
-        r = float(rng.uniform(3.5, 5.5))
+        r = float(rng.uniform(3.5, 5.5)) * B.conspicuity
         B.add_capsule(wall, hil, tgt, r + 2.2, r + 1.8)
         B.add_capsule(lumen, hil, tgt, r, r * 0.9)
         lobes.append(_lobe(A, tgt))
@@ -800,7 +801,7 @@ def _paint_peribronchial_thickening(B, A, rng):
         if i % 4 == 0:
             continue
         r = 3.2 * A["k"]
-        B.add_polyline(wall, seg, r + 3.5, r * 0.6 + 3.0)
+        B.add_polyline(wall, seg, r + 3.5 * B.conspicuity, r * 0.6 + 3.0 * B.conspicuity)
         B.add_polyline(lumen, seg, r, r * 0.6)
     B.paint(wall, 20.0, Tissue.LESION, where=B.tissue == Tissue.LUNG)
     B.paint(lumen, -990.0, Tissue.AIRWAY, where=B.tissue == Tissue.LESION)
@@ -838,6 +839,7 @@ def make_chest_phantom(
     center_mm: tuple[float, float, float] | None = None,
     contrast: bool = False,
     findings_seed: int | None = None,
+    conspicuity: float = 1.0,
 ) -> Phantom:
     """Rasterise one patient's chest with the given CT-RATE findings planted.
 
@@ -845,6 +847,9 @@ def make_chest_phantom(
     its own stream of `findings_seed` (default: the same seed), so adding a finding changes nothing
     else. The grid is centred on the origin of patient space unless `origin_mm` is given; the chest
     centre (mid-lung) sits at the grid centre unless `center_mm` is given.
+    `conspicuity` > 1 draws the findings larger (small focal findings, wires, airway walls) and their
+    textures coarser, so that they survive coarse voxels: 1 is the realistic size; the CPU demo's
+    6 mm voxels use more (see appliance/demo.py).
     """
     unknown = set(findings) - set(PLANTABLE_FINDINGS)
     if unknown:
@@ -863,7 +868,9 @@ def make_chest_phantom(
     A = _anatomy(derived_rng(seed, "anatomy"), findings)
     if "pericardial effusion" in findings:
         A["pericardial_thickness"] = float(derived_rng(fseed, "pericardial effusion").uniform(7, 16))
-    B = _ChestBuilder(shape_zyx, spacing, origin, center_mm, seed)
+    if not 1.0 <= conspicuity <= 4.0:
+        raise ValueError("conspicuity must be in [1, 4]")
+    B = _ChestBuilder(shape_zyx, spacing, origin, center_mm, seed, conspicuity)
     _build_anatomy(B, A, derived_rng(seed, "anatomy-texture"), contrast)
 
     details: dict[str, dict] = {}
