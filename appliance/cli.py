@@ -29,6 +29,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 bench_app = typer.Typer(no_args_is_help=True, help="Measure a stage: throughput, peak memory, peer ratio; writes JSON.")
 app.add_typer(bench_app, name="bench")
 
+
+def _add_fed_commands() -> None:
+    from appliance.federated.cli import fed_app
+
+    app.add_typer(fed_app, name="fed")
+
+
+_add_fed_commands()
+
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", envvar="RFM_WORKSPACE",
                                             help="Site workspace folder (or $RFM_WORKSPACE).")]
 
@@ -594,6 +603,36 @@ def bench_deid_cmd(studies: Annotated[int, typer.Option(min=1, help="Synthetic s
     console.print(f"written to {out}")
 
 
+@bench_app.command("fed")
+def bench_fed_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-fed.json"),
+                  sites: Annotated[int, typer.Option(min=2, max=8)] = 3,
+                  rounds: Annotated[int, typer.Option(min=1)] = 1,
+                  quick: Annotated[bool, typer.Option("--quick", help="GreenRFM-L with the tiny BERT instead of the "
+                                                                      "full-size model.")] = False) -> None:
+    """Seconds per federated round (local training, transfer, aggregation) and bytes per round, real
+    SuperLink and SuperNodes on loopback with TLS; the full-size model (33M vision + 110M BERT) by default."""
+    from appliance.federated.bench import bench_fed
+
+    with console.status("benchmarking a federated round ...") as status:
+        result = bench_fed(sites=sites, rounds=rounds, variant="lite" if quick else "standard",
+                           text="tiny" if quick else "bert-base", embed_dim=32 if quick else 768,
+                           note=lambda msg: status.update(msg))
+    p = result["model"]["parameters"]
+    t = Table(title=f"rfm bench fed: {sites} sites, {result['model']['variant']} + {result['model']['text']} text "
+                    f"({p['vision'] / 1e6:.1f}M vision + {p['text'] / 1e6:.1f}M text parameters)")
+    for col in ("round", "seconds", "local training s", "transfer + overhead s", "aggregation s", "evaluation round s",
+                "MB per round"):
+        t.add_column(col)
+    mb = result["bytes_per_round"].get("total", float("nan")) / 2**20
+    for r in result["per_round"]:
+        t.add_row(str(r["round"]), f"{r['seconds']:.1f}", f"{r['local_training_s']:.1f}",
+                  f"{r['transfer_and_overhead_s']:.1f}", f"{r['aggregation_s']:.2f}", f"{r['evaluation_round_s']:.1f}",
+                  f"{mb:.0f}")
+    console.print(t)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    console.print(f"written to {out}")
+
+
 @bench_app.command("labels")
 def bench_labels_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-labels.json"),
                      latency: Annotated[float, typer.Option(help="Scripted server latency per request, s.")] = 0.2,
@@ -666,6 +705,18 @@ def bench_train_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")]
 
 
 # --- entry point -------------------------------------------------------------------------------
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    # typer >= 0.21 has its own exception base; older typer raises click's (flwr pins typer < 0.21)
+    if hasattr(typer, "TyperException"):
+        return (typer.TyperException,)
+    import click
+
+    return (click.ClickException,)
+
+
+_USAGE_ERRORS = _usage_errors()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     # --verbose is accepted anywhere on the line, not only before the command
@@ -678,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         err_console.print("aborted")
         return 130
-    except typer.TyperException as exc:  # usage errors: typer prints them its own way
+    except _USAGE_ERRORS as exc:  # usage errors: typer prints them its own way
         show = getattr(exc, "show", None)
         show() if show else err_console.print(str(exc))
         return int(getattr(exc, "exit_code", 2))

@@ -103,13 +103,13 @@ def evaluate_run(ws: Workspace, run_dir: Path | None = None, *, progress: Progre
     device = device or ("cuda" if torch.cuda.is_available() and site.compute.device != "cpu" else "cpu")
     loaded = load_trained_model(run_dir, device)
     split = json.loads((run_dir / "split.json").read_text())
-    data = collect_training_data(ws, impression_first_order=loaded.impression_first)
+    findings = loaded.findings
+    data = collect_training_data(ws, impression_first_order=loaded.impression_first, findings=findings)
     by_key = {it.series_key: it for it in data.items}
     test = [by_key[k] for k in split["test"] if k in by_key]
     train = [by_key[k] for k in split["train"] if k in by_key]
     if len(test) < 2:
         raise ApplianceError(f"only {len(test)} test series: too few to evaluate (raise train.test_fraction)")
-    findings = loaded.findings
 
     progress.start("eval: encode test and training volumes", len(test) + len(train))
     enc_test = encode_items(loaded, test, device, progress=progress)

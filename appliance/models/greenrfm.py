@@ -14,6 +14,7 @@ from appliance.errors import ConfigError
 
 PATCH_SIZES = {"standard": 2, "lite": 4}  # kernel = stride of the patchify stem
 VISION_FEATURES = 512
+NORMS = ("batch", "group")  # ModelSpec.norm
 
 # An in-process BERT for tests, the demo and sites without CXR-BERT: small enough to train
 # from random initialisation on a CPU in minutes.
@@ -33,9 +34,17 @@ class ModelSpec:
     kinetics_weights: str | None = None  # torchvision r3d_18 Kinetics-400 state dict (.pth), optional
     shared_classifier: bool = True
     activation_checkpointing: bool = False
+    # "batch": BatchNorm (the recipe). "group": every BatchNorm replaced by GroupNorm through Opacus'
+    # ModuleValidator, as differentially private training needs (appliance/federated/privacy.py).
+    norm: str = "batch"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["norm"] == "batch":
+            # the default is left out, so that a BatchNorm model's saved spec is exactly what it was
+            # before `norm` existed (older readers build ModelSpec(**spec) from it)
+            del d["norm"]
+        return d
 
 
 class VisionEncoder(nn.Module):
@@ -198,6 +207,83 @@ class GreenRFM(nn.Module):
 
 
 def build_greenrfm(spec: ModelSpec) -> GreenRFM:
+    if spec.norm not in NORMS:
+        raise ConfigError(f"model norm {spec.norm!r} is unknown; allowed: {', '.join(NORMS)}")
     vision = build_vision_encoder(spec.variant, spec.kinetics_weights, spec.activation_checkpointing)
     text = build_text_encoder(spec.text_model_dir, spec.text_vocab_size)
-    return GreenRFM(spec, vision, text)
+    model = GreenRFM(spec, vision, text)
+    if spec.norm == "group":
+        model = _make_private_compatible(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# norm="group": the network differentially private training (Opacus) can take
+
+
+def _make_private_compatible(model: GreenRFM) -> GreenRFM:
+    """BatchNorm -> GroupNorm by Opacus' ModuleValidator.fix (gcd(32, C) groups; the affine
+    parameters and running statistics of the BatchNorm, Kinetics' included, are not carried
+    over), then three small changes Opacus' per-sample-gradient hooks need, none of which changes
+    a parameter name or what the network computes:
+
+    - in-place operations on a hooked module's output are refused by PyTorch's full backward
+      hooks (pytorch#61519, opacus#828): ReLU(inplace=True) becomes out of place, and r3d_18's
+      residual `out += residual` becomes `out = out + residual` (_OutOfPlaceBasicBlock);
+    - torchvision's Conv3DSimple (an nn.Conv3d subclass that only adds a static method used at
+      construction) becomes a plain nn.Conv3d, so Opacus uses its Conv3d per-sample-gradient rule
+      instead of the slower functorch fallback it takes for unregistered module types;
+    - HF BERT looks up position embeddings with position ids of batch size 1 (broadcast), which
+      gives position_embeddings a per-sample gradient for one sample instead of one per sample;
+      a forward pre-hook passes the position ids expanded to the batch (the same lookups).
+    """
+    from opacus.validators import ModuleValidator
+    from torchvision.models.video.resnet import BasicBlock, Conv3DSimple
+
+    model = ModuleValidator.fix(model)  # a fixed copy
+    block_class = _out_of_place_block_class()
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+        if type(module) is BasicBlock:
+            module.__class__ = block_class
+        elif type(module) is Conv3DSimple:
+            module.__class__ = nn.Conv3d
+    embeddings = getattr(model.text, "embeddings", None)
+    if embeddings is not None and isinstance(getattr(embeddings, "position_ids", None), torch.Tensor):
+        embeddings.register_forward_pre_hook(_per_sample_position_ids, with_kwargs=True)
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ConfigError(f"the GroupNorm model is not compatible with differential privacy: {errors[0]}")
+    return model
+
+
+def _out_of_place_forward(self, x: torch.Tensor) -> torch.Tensor:
+    residual = x if self.downsample is None else self.downsample(x)
+    return self.relu(self.conv2(self.conv1(x)) + residual)
+
+
+def _out_of_place_block_class() -> type:
+    """r3d_18's BasicBlock with the residual added out of place; made on first use (torchvision is
+    imported lazily) and kept as a module attribute, so a pickled model finds it."""
+    cls = globals().get("_OutOfPlaceBasicBlock")
+    if cls is None:
+        from torchvision.models.video.resnet import BasicBlock
+
+        cls = type("_OutOfPlaceBasicBlock", (BasicBlock,), {
+            "forward": _out_of_place_forward, "__module__": __name__, "__qualname__": "_OutOfPlaceBasicBlock",
+            "__doc__": "r3d_18's BasicBlock with the residual added out of place (Opacus' backward hooks)."})
+        globals()["_OutOfPlaceBasicBlock"] = cls
+    return cls
+
+
+def _per_sample_position_ids(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook on BertEmbeddings: position ids of the batch's size when none are given."""
+    if kwargs.get("position_ids") is not None:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    shape = ids.shape if ids is not None else kwargs["inputs_embeds"].shape[:-1]
+    batch, length = shape
+    past = kwargs.get("past_key_values_length", 0) or 0
+    kwargs["position_ids"] = module.position_ids[:, past:past + length].expand(batch, length)
+    return args, kwargs

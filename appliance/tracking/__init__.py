@@ -318,6 +318,19 @@ class Tracker:
     def artifact_uri(self) -> str:
         return self._client.get_run(self.run_id).info.artifact_uri
 
+    def register_model_version(self, name: str, artifact_path: str) -> str:
+        """A new version of registered model `name` from this run's artifact folder; its version."""
+        from mlflow.exceptions import MlflowException
+
+        with self._lock, _quiet_mlflow():
+            try:
+                self._client.get_registered_model(name)
+            except MlflowException:
+                self._client.create_registered_model(name)
+            version = self._client.create_model_version(name, source=f"{self.artifact_uri}/{artifact_path}",
+                                                        run_id=self.run_id)
+        return str(version.version)
+
     def _check(self, value: Any, what: str, names: bool = False) -> str:
         return check_loggable(value, self._ws_root, what=what, relative_paths=not names)
 

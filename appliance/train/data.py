@@ -48,19 +48,27 @@ class TrainingData:
     skipped: dict  # reason -> count of series left out
 
 
-def collect_training_data(ws: Workspace, *, impression_first_order: bool = True) -> TrainingData:
+def collect_training_data(ws: Workspace, *, impression_first_order: bool = True,
+                          findings: Sequence[str] | None = None) -> TrainingData:
     """Every cached series whose study has a de-identified report and labels; findings = those
-    the label consensus kept (labels/consensus.json)."""
+    the label consensus kept (labels/consensus.json).
+
+    `findings` fixes the vocabulary instead (a federation's, the same at every site): a finding
+    this site does not label, or whose labels its consensus dropped, is -1 (unknown) throughout."""
     labels_csv, consensus_path = ws.labels / "labels.csv", ws.labels / "consensus.json"
     if not labels_csv.is_file():
         raise ApplianceError("no labels yet: run `rfm labels` before training")
     rows = list(csv.DictReader(io.StringIO(labels_csv.read_text())))
     all_findings = [c for c in (rows[0].keys() if rows else []) if c != "study_key"]
     kept = json.loads(consensus_path.read_text()).get("kept", all_findings) if consensus_path.is_file() else all_findings
-    findings = tuple(f for f in all_findings if f in set(kept))
-    if not findings:
+    usable = set(all_findings) & set(kept)
+    if findings is None:
+        findings = tuple(f for f in all_findings if f in usable)
+    else:
+        findings = tuple(findings)
+    if not usable & set(findings):
         raise ApplianceError("labels/consensus.json keeps no finding; nothing to train on")
-    labels = {r["study_key"]: tuple(int(r[f]) for f in findings) for r in rows}
+    labels = {r["study_key"]: tuple(int(r[f]) if f in usable else -1 for f in findings) for r in rows}
     skipped = {"no report": 0, "no labels": 0, "cache file missing": 0, "cache file unreadable": 0}
     items = []
     with Catalog(ws.catalog_path) as catalog:
@@ -87,7 +95,7 @@ def collect_training_data(ws: Workspace, *, impression_first_order: bool = True)
             items.append(TrainingItem(row["series_key"], study, patients.get(study, study), npy, labels[study], text))
     if not items:
         raise ApplianceError("no cached series with a report and labels: run ingest, deid, preprocess and labels first")
-    return TrainingData(findings, tuple(items), tuple(f for f in all_findings if f not in findings),
+    return TrainingData(findings, tuple(items), tuple(f for f in all_findings if f not in usable),
                         {k: v for k, v in skipped.items() if v})
 
 

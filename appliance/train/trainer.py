@@ -17,9 +17,11 @@ unfinished run to the same result as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -49,6 +51,25 @@ from appliance.workspace import Workspace
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 RESULT = "result.json"
+
+
+@dataclass
+class FederatedRound:
+    """What a federated round fixes for every site (see appliance/federated): the consortium's
+    findings, tokenizer and model variant, the phase and local epochs, and the global weights."""
+
+    findings: list[str]
+    tokenizer_dir: Path
+    variant: str
+    phase: str  # stage1 | stage2 | joint
+    epochs: int
+    initial_state: dict | None = None
+    run_dir: Path | None = None
+    proximal_mu: float = 0.0  # FedProx: mu/2 * ||w - w_global||^2 added to the local loss
+    norm: str = "batch"
+    embed_dim: int | None = None  # the consortium's; None keeps the site's train.embed_dim
+    text_max_tokens: int | None = None
+    text_model_dir: str | None = None  # the consortium's BERT folder; None: tiny BERT + tokenizer_dir
 
 
 @dataclass
@@ -211,8 +232,10 @@ class _Trainer:
     """State of one training job; `run()` is the loop."""
 
     def __init__(self, ws: Workspace, cfg: TrainSection, plan: HardwareProfile, run_dir: Path,
-                 progress: Progress, tracker, resume_state: dict | None):
+                 progress: Progress, tracker, resume_state: dict | None, federated: FederatedRound | None = None):
         self.ws, self.cfg, self.plan, self.run_dir, self.progress, self.tracker = ws, cfg, plan, run_dir, progress, tracker
+        self.federated = federated
+        self._global_params: list[torch.Tensor] | None = None
         self.rank, self.world, self.device = _dist_setup(plan)
         self.is_main = self.rank == 0
         self.resume_state = resume_state
@@ -263,6 +286,11 @@ class _Trainer:
         self.model = build_greenrfm(spec).to(self.device)
         if self.plan.channels_last_3d:
             self.model.vision.to(memory_format=torch.channels_last_3d)
+        fed = self.federated
+        if fed is not None and fed.initial_state is not None:
+            self.model.load_state_dict(fed.initial_state)
+            if fed.proximal_mu > 0:
+                self._global_params = [p.detach().clone() for p in self.model.parameters()]
         self.net = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -441,7 +469,7 @@ class _Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> list[PhaseSummary]:
-        phases = _phases(self.cfg)
+        phases = [(self.federated.phase, self.federated.epochs)] if self.federated else _phases(self.cfg)
         state = self.resume_state or {}
         first_phase = state.get("phase_index", 0)
         summaries = [PhaseSummary(n, e) for n, e in phases]
@@ -535,6 +563,12 @@ class _Trainer:
                     self.tracker.set_tags({"plan.micro_batch": smaller.micro_batch,
                                            "plan.grad_accumulation": smaller.grad_accumulation})
                 set_rng_state(at_start)
+        if self._global_params is not None:
+            # FedProx: the gradient of mu/2 ||w - w_global||^2, scaled like the loss gradients
+            mu = self.federated.proximal_mu * (self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+            for param, start in zip(self.model.parameters(), self._global_params):
+                if param.grad is not None:
+                    param.grad.add_(param.detach() - start, alpha=mu)
         if clip is not None:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
@@ -598,8 +632,11 @@ def _write_json(path: Path, obj) -> None:
 
 
 def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress | None = None,
-                    plan: HardwareProfile | None = None) -> TrainResult:
-    """Train GreenRFM on the workspace's cache and labels; the run lands in runs/train/<stamp>/."""
+                    plan: HardwareProfile | None = None, federated: FederatedRound | None = None) -> TrainResult:
+    """Train GreenRFM on the workspace's cache and labels; the run lands in runs/train/<stamp>/.
+
+    `federated`: one site's local round of a federated run (fixed findings, tokenizer, variant,
+    phase and epochs; starts from the global weights; lands in `federated.run_dir`)."""
     from appliance.tracking import open_run
     from appliance.tracking.energy import EnergyMeter
 
@@ -613,6 +650,12 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
             plan = training_plan(detect_hardware(ws.root), site.compute.device, cfg.plan.model_dump())
         except ValueError as exc:
             raise ApplianceError(str(exc)) from None
+    if federated is not None:
+        if resume:
+            raise ApplianceError("a federated round is not resumed locally; the server retries the round")
+        plan = dataclasses.replace(plan, variant=federated.variant)
+        fixed = {"embed_dim": federated.embed_dim, "text_max_tokens": federated.text_max_tokens}
+        cfg = cfg.model_copy(update={k: v for k, v in fixed.items() if v is not None})
     if resume:
         run_dir = latest_run(ws, finished=False)
         if run_dir is None:
@@ -625,7 +668,11 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
     rank, world, _ = _dist_setup(plan)
     if not resume:
         # Under torchrun every rank must write into the one run folder rank 0 creates.
-        run_dir = _new_run_dir(ws) if rank == 0 else None
+        if rank == 0 and federated is not None and federated.run_dir is not None:
+            run_dir = federated.run_dir
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = _new_run_dir(ws) if rank == 0 else None
         run_dir = _broadcast(run_dir, world)
         if rank == 0:
             _write_json(run_dir / "config.json", cfg.model_dump(mode="json"))
@@ -633,7 +680,8 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
     if plan.device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest 3D kernels
 
-    data = collect_training_data(ws, impression_first_order=cfg.impression_first)
+    data = collect_training_data(ws, impression_first_order=cfg.impression_first,
+                                 findings=federated.findings if federated else None)
     findings = list(data.findings)
     if resume_state is None:
         split = split_by_patient(data.items, cfg.seed, cfg.val_fraction, cfg.test_fraction)
@@ -652,7 +700,13 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
         raise ApplianceError("no training studies after the split")
 
     tokenizer_dir = run_dir / "tokenizer"
-    if cfg.text_model_dir is not None:
+    # does the run folder carry its own tokenizer (a site's or the consortium's), or is it a BERT folder's?
+    own_tokenizer = (federated.text_model_dir is None) if federated else cfg.text_model_dir is None
+    if federated is not None:
+        if rank == 0 and own_tokenizer:  # the round's folder stays self-contained (rfm eval reads it)
+            shutil.copytree(federated.tokenizer_dir, tokenizer_dir, dirs_exist_ok=True)
+        tokenizer = load_tokenizer(federated.tokenizer_dir, cfg.text_max_tokens)
+    elif cfg.text_model_dir is not None:
         tokenizer = load_tokenizer(ws.root / cfg.text_model_dir, cfg.text_max_tokens)
     elif resume_state is not None:
         tokenizer = load_tokenizer(tokenizer_dir, cfg.text_max_tokens)
@@ -667,11 +721,14 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
         tokenizer = load_tokenizer(tokenizer_dir, cfg.text_max_tokens)
 
     spec = ModelSpec(variant=plan.variant, n_classes=len(findings), embed_dim=cfg.embed_dim,
-                     text_model_dir=str(ws.root / cfg.text_model_dir) if cfg.text_model_dir else None,
+                     text_model_dir=(federated.text_model_dir if federated else
+                                     str(ws.root / cfg.text_model_dir) if cfg.text_model_dir else None),
                      text_vocab_size=tokenizer.vocab_size,
-                     kinetics_weights=str(ws.root / cfg.kinetics_weights) if cfg.kinetics_weights else None,
+                     kinetics_weights=(str(ws.root / cfg.kinetics_weights) if cfg.kinetics_weights and not federated
+                                       else None),  # a federated round starts from the global weights
                      shared_classifier=cfg.ablation.shared_classifier,
-                     activation_checkpointing=plan.activation_checkpointing)
+                     activation_checkpointing=plan.activation_checkpointing,
+                     norm=federated.norm if federated else "batch")
     tracker_cm = open_run(ws.root, experiment=site.tracking.experiment, run_name=f"train-{run_dir.name}",
                           uri=site.tracking.uri, enabled=site.tracking.enabled and rank == 0,
                           tags={"stage": "train", "run_dir": f"runs/train/{run_dir.name}", "site": site.site.name},
@@ -683,7 +740,7 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
                                 "n_train": len(split["train"]), "n_val": len(split["val"]),
                                 "n_test": len(split["test"])})
             tracker.log_dict(plan.to_dict(), "plan.json")
-        trainer = _Trainer(ws, cfg, plan, run_dir, progress, tracker, resume_state)
+        trainer = _Trainer(ws, cfg, plan, run_dir, progress, tracker, resume_state, federated)
         trainer.setup_data(split, findings, tokenizer)
         trainer.setup_model(spec)
         meter = EnergyMeter([trainer.device.index or 0] if trainer.device.type == "cuda" else [],
@@ -703,7 +760,7 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
         if trainer.is_main:
             save_checkpoint(model_path, {"spec": spec.to_dict(), "findings": findings, "state_dict":
                                          trainer.model.state_dict(), "crop": list(cfg.crop),
-                                         "tokenizer": "tokenizer" if cfg.text_model_dir is None else None,
+                                         "tokenizer": "tokenizer" if own_tokenizer else None,
                                          "text_max_tokens": cfg.text_max_tokens,
                                          "impression_first": cfg.impression_first})
             tracker.log_metrics(energy.to_metrics() | {f"{s.name}/samples_per_s": s.samples_per_s for s in summaries},
@@ -712,7 +769,7 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
             for name in ("plan.json", "config.json", "split.json", RESULT, "history.jsonl"):
                 tracker.log_artifact(run_dir / name)
             tracker.log_artifact(model_path, "model")
-            if cfg.text_model_dir is None:
+            if own_tokenizer:
                 tracker.log_artifacts(tokenizer_dir, "model/tokenizer")
         if trainer.history:
             trainer.history.close()

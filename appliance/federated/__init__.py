@@ -1,0 +1,1 @@
+"""Federated training between sites (Flower): certificates, keys and coordination."""
