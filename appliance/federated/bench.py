@@ -26,8 +26,11 @@ from appliance.errors import ApplianceError
 def _bert_base_folder(folder: Path, model) -> str:
     """A CXR-BERT-shaped BERT with random weights and the consortium tokenizer, in `folder`."""
     from transformers import BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
 
     from appliance.bench import BERT_BASE
+
+    hf_logging.disable_progress_bar()  # the bars would draw over the CLI's status line
     from appliance.federated.local import _tokenizer_corpus
     from appliance.models import build_site_tokenizer
 

@@ -49,6 +49,7 @@ class LocalRoundResult:
     state: dict[str, torch.Tensor]
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # local evaluation: labels and scores
 
 
 def _tokenizer_corpus(findings: tuple[str, ...]) -> list[str]:
@@ -207,7 +208,7 @@ def local_evaluate(workspace: Path | str, state: dict[str, torch.Tensor], *, mod
     bce = masked_bce(logits, torch.from_numpy(enc["labels"]).float(), cfg.uncertain)
     metrics = {"zero_shot_auc": _num(zero_shot["mean"].get("auc")), "classifier_auc": _num(classifier.get("auc")),
                "classifier_bce": float(bce), "findings_scored": float(zero_shot["n_findings_scored"])}
-    return LocalRoundResult({}, len(test), metrics)
+    return LocalRoundResult({}, len(test), metrics, {"labels": enc["labels"], "zero_shot": scores})
 
 
 def _num(value) -> float:
