@@ -35,7 +35,7 @@ def consortium(tmp_path_factory):
 def _run_config(state_dir: Path, **extra) -> dict:
     return {"state-dir": str(state_dir), "rounds": 2, "min-nodes": 3, "min-results": 2, "local-epochs": 1,
             "variant": DEMO_MODEL.variant, "embed-dim": DEMO_MODEL.embed_dim,
-            "text-max-tokens": DEMO_MODEL.text_max_tokens, "round-timeout-s": 300.0, "wait-nodes-s": 60.0,
+            "text-max-tokens": DEMO_MODEL.text_max_tokens, "round-timeout-s": 900.0, "wait-nodes-s": 120.0,
             "tracking": False} | extra
 
 
@@ -126,7 +126,7 @@ def test_site_killed_mid_round_then_superlink_killed_and_restarted(consortium, t
     database = tmp_path / "superlink.db"  # registered keys and run history survive the restart
     with _federation(tmp_path, consortium, database=database) as fed:
         app = write_app(tmp_path / "app")
-        config = _run_config(state, **{"rounds": 3, "min-nodes": 2, "min-results": 2, "round-timeout-s": 180.0})
+        config = _run_config(state, **{"rounds": 3, "min-nodes": 2, "min-results": 2, "round-timeout-s": 900.0})
         run_id = fed.submit(app, config)
         round_dir = consortium[1]["site-c"] / "runs" / "fed" / state.name / "round-0001"
         _wait_for(round_dir.exists, 300, "site-c to start its round-1 training")
