@@ -38,15 +38,15 @@ DEMO_SETTINGS = {
 }
 
 
-def fresh_demo_dir(directory: Path) -> Path:
-    """Empty a previous demo folder (only one this command made) or create a new one."""
-    directory = directory.expanduser().resolve()
+def fresh_demo_dir(directory: Path, marker: str = DEMO_MARKER, command: str = "rfm demo") -> Path:
+    """Empty a previous demo folder (only one `command` made, as its `marker` file says) or create a new one."""
+    directory = Path(directory).expanduser().resolve()
     if directory.exists() and any(directory.iterdir()):
-        if not (directory / DEMO_MARKER).exists():
-            raise ApplianceError(f"{directory} exists and was not made by `rfm demo`; choose another --dir")
+        if not (directory / marker).exists():
+            raise ApplianceError(f"{directory} exists and was not made by `{command}`; choose another --dir")
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / DEMO_MARKER).write_text("made by rfm demo; deleted by the next rfm demo\n")
+    (directory / marker).write_text(f"made by {command}; deleted by the next {command}\n")
     return directory
 
 

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from appliance.federated.local import consortium_tokenizer, initial_state
 from appliance.federated.secagg import float_keys, from_arrays, to_arrays
-from appliance.federated.server import CHECKPOINT, FedRunConfig, _round_config, _save_model, save_global
+from appliance.federated.server import CHECKPOINT, FedRunConfig, round_config, save_final_model, save_global
 
 app = ServerApp()
 
@@ -67,7 +67,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = CheckpointingFedAvg(
         cfg, template, fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=cfg.min_results,
         min_available_clients=cfg.min_nodes, initial_parameters=ndarrays_to_parameters(to_arrays(template, keys)),
-        on_fit_config_fn=lambda r: dict(_round_config(cfg, r)), fit_metrics_aggregation_fn=_weighted)
+        on_fit_config_fn=lambda r: dict(round_config(cfg, r)), fit_metrics_aggregation_fn=_weighted)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy)
     workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
         num_shares=cfg.secagg_num_shares, reconstruction_threshold=cfg.secagg_reconstruction_threshold,
@@ -76,7 +76,7 @@ def main(grid: Grid, context: Context) -> None:
     workflow(grid, legacy)
     final = legacy.state.array_records["parameters"].to_numpy_ndarrays()
     state = from_arrays(template, final)
-    _save_model(state_dir / "model.pt", state, cfg, tokenizer_dir)
+    save_final_model(state_dir / "model.pt", state, cfg, tokenizer_dir)
     summary = {"rounds": strategy.history, "completed": len(strategy.history), "resumed_after": 0,
                "model": str(state_dir / "model.pt"), "seconds": time.perf_counter() - t0, "secagg": True,
                "config": asdict(cfg)}

@@ -4,7 +4,6 @@ node authentication on, each SuperNode with its own synthetic site workspace; fa
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import ssl
 import time
@@ -12,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.errors import ApplianceError
-from appliance.federated.certs import make_consortium, make_site_keys
+from appliance.federated.certs import make_consortium
 from appliance.federated.demo import DEMO_MODEL, FedDemoSettings, prepare_site
 from appliance.federated.deploy import Federation, write_app
 from appliance.federated.local import initial_state, local_evaluate
@@ -41,13 +39,8 @@ def _run_config(state_dir: Path, **extra) -> dict:
 
 def _federation(tmp_path, consortium, sites=SITES, database=None) -> Federation:
     root, workspaces, files = consortium
-    fed = Federation(tmp_path / "coordinator", ca=files.ca.cert, server_cert=files.server.cert,
-                     server_key=files.server.key)
-    fed.start_superlink(database)
-    for name in sites:
-        fed.register(name, files.sites[name].public_key)
-        fed.start_supernode(name, workspaces[name], files.sites[name].private_key, threads=1)
-    fed.wait_online(len(sites))
+    fed = Federation.for_consortium(tmp_path / "coordinator", files)
+    fed.start_sites({name: workspaces[name] for name in sites}, files, threads=1, database=database)
     return fed
 
 

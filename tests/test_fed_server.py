@@ -32,7 +32,7 @@ def small_global_model(monkeypatch):
         return {"w": torch.randn(4, 3), "bn.num_batches_tracked": torch.tensor(0)}
 
     monkeypatch.setattr("appliance.federated.server.initial_state", small_state)
-    monkeypatch.setattr("appliance.federated.server._save_model", lambda path, state, cfg, tok: torch.save(state, path))
+    monkeypatch.setattr("appliance.federated.server.save_final_model", lambda path, state, cfg, tok: torch.save(state, path))
 
 
 class Reply:

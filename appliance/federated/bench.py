@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from appliance.errors import ApplianceError
+from appliance.federated.deploy import CONNECTION
 
 
 def _bert_base_folder(folder: Path, model) -> str:
@@ -75,14 +76,8 @@ def bench_fed(sites: int = 3, rounds: int = 1, studies: int = 8, variant: str = 
                       "text-max-tokens": model.text_max_tokens, "text-model-dir": model.text_model_dir or "",
                       "round-timeout-s": 3600.0, "tracking": False}
         t0 = time.perf_counter()
-        with Federation(root / "coordinator", ca=files.ca.cert, server_cert=files.server.cert,
-                        server_key=files.server.key) as fed:
-            fed.start_superlink()
-            for n in names:
-                fed.register(n, files.sites[n].public_key)
-                fed.start_supernode(n, workspaces[n], files.sites[n].private_key,
-                                    threads=max(1, (torch.get_num_threads() or 1) // sites))
-            fed.wait_online(sites)
+        with Federation.for_consortium(root / "coordinator", files) as fed:
+            fed.start_sites(workspaces, files, threads=max(1, (torch.get_num_threads() or 1) // sites))
             note(f"{sites} SuperNodes online; running {rounds} round(s)")
             run_id = fed.submit(write_app(root / "app"), run_config)
             status = fed.wait_run(run_id, timeout=3600.0 * (rounds + 1))
@@ -111,7 +106,7 @@ def bench_fed(sites: int = 3, rounds: int = 1, studies: int = 8, variant: str = 
 
 
 def _traffic(fed, run_id: int) -> dict[str, float]:
-    cp = fed.flwr("ls", "consortium", "--run-id", str(run_id), "--format", "json", check=False)
+    cp = fed.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json", check=False)
     try:
         t = json.loads(cp.stdout)["runs"][0]["network-traffic"]
         return {"in": float(t["inbound-bytes"]), "out": float(t["outbound-bytes"]), "total": float(t["total-bytes"])}

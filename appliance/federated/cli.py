@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 

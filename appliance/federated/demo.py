@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from appliance.demo import fresh_demo_dir
 from appliance.errors import ApplianceError
 from appliance.federated.certs import make_consortium
 from appliance.federated.deploy import Federation, write_app
@@ -51,19 +52,6 @@ SITE_SETTINGS = {
 DEMO_MODEL = ConsortiumModel(variant="lite", embed_dim=32, text_max_tokens=96)
 
 
-def fresh_dir(directory: Path) -> Path:
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        if not (directory / DEMO_MARKER).exists():
-            raise ApplianceError(f"{directory} is not empty and was not made by rfm fed demo; choose another --dir")
-        import shutil
-
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
-    (directory / DEMO_MARKER).write_text("made by rfm fed demo; deleted by the next one\n")
-    return directory
-
-
 def prepare_site(root: Path, name: str, seed: int, settings: FedDemoSettings) -> Path:
     """A site workspace with its own synthetic cohort, taken through every stage before training."""
     from appliance.deid.stage import deidentify_workspace
@@ -89,7 +77,7 @@ def prepare_site(root: Path, name: str, seed: int, settings: FedDemoSettings) ->
 
 def run_fed_demo(directory: Path, settings: FedDemoSettings = FedDemoSettings(), *, note=print) -> dict:
     t0 = time.perf_counter()
-    root = fresh_dir(directory)
+    root = fresh_demo_dir(directory, DEMO_MARKER, "rfm fed demo")
     names = [f"site-{chr(ord('a') + i)}" for i in range(settings.sites)]
     note(f"preparing {settings.sites} site workspaces ({settings.studies_per_site} synthetic studies each)")
     sites = {name: prepare_site(root / "sites", name, settings.seed + 101 * (i + 1), settings)
@@ -107,14 +95,8 @@ def run_fed_demo(directory: Path, settings: FedDemoSettings = FedDemoSettings(),
                   "text-max-tokens": model.text_max_tokens, "seed": settings.seed,
                   "round-timeout-s": settings.round_timeout_s, "tracking": settings.tracking}
     t1 = time.perf_counter()
-    with Federation(root / "coordinator", ca=files.ca.cert, server_cert=files.server.cert,
-                    server_key=files.server.key) as fed:
-        fed.start_superlink()
-        for name in names:
-            fed.register(name, files.sites[name].public_key)
-        for name in names:
-            fed.start_supernode(name, sites[name], files.sites[name].private_key, threads=1)
-        fed.wait_online(settings.sites)
+    with Federation.for_consortium(root / "coordinator", files) as fed:
+        fed.start_sites(sites, files, threads=1)
         note(f"SuperLink on {fed.address} (TLS, node authentication); {settings.sites} SuperNodes online")
         run_id = fed.submit(write_app(root / "app"), run_config)
         status = fed.wait_run(run_id, timeout=settings.round_timeout_s * (settings.rounds + 1))

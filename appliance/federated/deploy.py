@@ -104,6 +104,20 @@ class Federation:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "{self.host}:{self.port}"\nroot-certificates = "{self.ca}"\n')
 
+    @classmethod
+    def for_consortium(cls, root: Path, files) -> Federation:
+        """A federation on 127.0.0.1 with the certificates of `make_consortium` (its ConsortiumFiles)."""
+        return cls(root, ca=files.ca.cert, server_cert=files.server.cert, server_key=files.server.key)
+
+    def start_sites(self, workspaces: dict[str, Path], files, threads: int | None = None,
+                    database: Path | None = None) -> None:
+        """The SuperLink, each site's key registered and its SuperNode started; returns once all are online."""
+        self.start_superlink(database)
+        for name, workspace in workspaces.items():
+            self.register(name, files.sites[name].public_key)
+            self.start_supernode(name, workspace, files.sites[name].private_key, threads=threads)
+        self.wait_online(len(workspaces))
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"

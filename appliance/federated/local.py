@@ -213,7 +213,3 @@ def local_evaluate(workspace: Path | str, state: dict[str, torch.Tensor], *, mod
 
 def _num(value) -> float:
     return float("nan") if value is None else float(value)
-
-
-def state_to_numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}

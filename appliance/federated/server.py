@@ -26,7 +26,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from appliance.config import TrainSection
@@ -185,13 +184,13 @@ def _metrics(reply) -> dict[str, float]:
 
 def _summarise(replies: list) -> dict[str, float]:
     """Example-weighted means of every metric the sites returned."""
-    total = sum(_metrics(r).get("num-examples", 0.0) for r in replies) or 1.0
-    keys = sorted({k for r in replies for k in _metrics(r) if k != "num-examples"})
-    return {k: sum(_metrics(r).get(k, 0.0) * _metrics(r).get("num-examples", 0.0) for r in replies) / total
-            for k in keys}
+    rows = [_metrics(r) for r in replies]
+    total = sum(m.get("num-examples", 0.0) for m in rows) or 1.0
+    keys = sorted({k for m in rows for k in m if k != "num-examples"})
+    return {k: sum(m.get(k, 0.0) * m.get("num-examples", 0.0) for m in rows) / total for k in keys}
 
 
-def _round_config(cfg: FedRunConfig, server_round: int):
+def round_config(cfg: FedRunConfig, server_round: int):
     from flwr.app import ConfigRecord
 
     return ConfigRecord({"server-round": server_round, "local-epochs": cfg.local_epochs, "phase": cfg.phase,
@@ -220,7 +219,7 @@ def _cross_site_evaluation(grid, strategy, server_round: int, arrays, cfg: FedRu
     saved = strategy.min_available_nodes, strategy.min_evaluate_nodes
     strategy.min_available_nodes = strategy.min_evaluate_nodes = min(online, cfg.min_nodes)
     try:
-        evaluated, _ = _send(grid, strategy.configure_evaluate(server_round, arrays, _round_config(cfg, server_round),
+        evaluated, _ = _send(grid, strategy.configure_evaluate(server_round, arrays, round_config(cfg, server_round),
                                                                grid), cfg)
     finally:
         strategy.min_available_nodes, strategy.min_evaluate_nodes = saved
@@ -260,7 +259,7 @@ def run_federation(grid, cfg: FedRunConfig, *, on_round=None) -> dict:
             for attempt in range(1, cfg.round_retries + 2):
                 _wait_for_nodes(grid, cfg, server_round)
                 t_train = time.perf_counter()
-                good, bad = _send(grid, strategy.configure_train(server_round, arrays, _round_config(cfg, server_round),
+                good, bad = _send(grid, strategy.configure_train(server_round, arrays, round_config(cfg, server_round),
                                                                  grid), cfg)
                 if len(good) >= cfg.min_results:
                     break
@@ -298,7 +297,7 @@ def run_federation(grid, cfg: FedRunConfig, *, on_round=None) -> dict:
             if on_round is not None:
                 on_round(record)
         final = state_dir / "model.pt"  # with tokenizer/ beside it: load_trained_model(state_dir) reads it
-        _save_model(final, state, cfg, tokenizer_dir)
+        save_final_model(final, state, cfg, tokenizer_dir)
         tracker.log_artifact(final, "model")
         if not model.text_model_dir:  # a BERT folder is the consortium's own, not this run's
             tracker.log_artifacts(tokenizer_dir, "model/tokenizer")
@@ -309,7 +308,7 @@ def run_federation(grid, cfg: FedRunConfig, *, on_round=None) -> dict:
     return summary
 
 
-def _save_model(path: Path, state: dict, cfg: FedRunConfig, tokenizer_dir: Path) -> None:
+def save_final_model(path: Path, state: dict, cfg: FedRunConfig, tokenizer_dir: Path) -> None:
     """The final global model in the same format as a training run's model.pt (rfm eval/export read it)."""
     from appliance.models import load_tokenizer
     from appliance.train.checkpoint import save_checkpoint
@@ -327,7 +326,3 @@ def _register(tracker, cfg: FedRunConfig) -> str | None:
     if not hasattr(tracker, "register_model_version"):
         return None  # tracking off
     return tracker.register_model_version(f"{cfg.experiment}-global", "model")
-
-
-def as_numpy(state: dict) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in state.items()}

@@ -731,7 +731,8 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
                      norm=federated.norm if federated else "batch")
     tracker_cm = open_run(ws.root, experiment=site.tracking.experiment, run_name=f"train-{run_dir.name}",
                           uri=site.tracking.uri, enabled=site.tracking.enabled and rank == 0,
-                          tags={"stage": "train", "run_dir": f"runs/train/{run_dir.name}", "site": site.site.name},
+                          tags={"stage": "federated-round" if federated else "train",
+                                "run_dir": run_dir.relative_to(ws.root).as_posix(), "site": site.site.name},
                           resume_run_id=resume_state.get("mlflow_run_id") if resume_state else None)
     with tracker_cm as tracker:
         if resume_state is None:
