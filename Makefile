@@ -20,12 +20,13 @@ demo: install
 	$(BIN)/rfm demo
 
 # The federation tests (real SuperLink/SuperNode processes) spend most of their time waiting on
-# Flower's polling and heartbeats, so they run beside the rest of the suite; their report follows.
-FED_TESTS := tests/test_fed_deploy.py
+# Flower's polling and heartbeats, so they run beside the rest of the suite, with the export tests
+# to fill that waiting; their report follows.
+FED_TESTS := tests/test_fed_deploy.py tests/test_export.py
 test: install
 	@fedlog=$$(mktemp); fedtmp=$$(mktemp -d -u /tmp/rfm-fed-tests-XXXXXX); \
 	$(BIN)/python -m pytest $(FED_TESTS) --basetemp=$$fedtmp -p no:cacheprovider > $$fedlog 2>&1 & fed=$$!; \
-	$(BIN)/python -m pytest --ignore=$(FED_TESTS); rest=$$?; \
+	$(BIN)/python -m pytest $(addprefix --ignore=,$(FED_TESTS)); rest=$$?; \
 	wait $$fed; fedrc=$$?; echo "---- $(FED_TESTS) (run alongside) ----"; cat $$fedlog; rm -f $$fedlog; \
 	test $$rest -eq 0 -a $$fedrc -eq 0
 

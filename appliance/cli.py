@@ -481,6 +481,55 @@ def print_eval_summary(r: dict) -> None:
     console.print(t)
 
 
+@app.command("export")
+def export_cmd(workspace: WorkspaceOpt = Path("."),
+               run: Annotated[Optional[Path], typer.Option(help="Run folder (default: newest finished run).")] = None,
+               tensorrt: Annotated[Optional[str], typer.Option(help="TensorRT engine: auto, on or off (default: site.yaml).")] = None,
+               int8: Annotated[Optional[bool], typer.Option("--int8/--no-int8", help="Also an INT8 graph/engine calibrated on the cache (default: site.yaml).")] = None) -> None:
+    """ONNX image and text encoders, parity with PyTorch, TensorRT engine, Triton repository, model card."""
+    from appliance.workspace import open_workspace
+
+    _export(open_workspace(workspace), run, tensorrt, int8)
+
+
+def _export(ws, run: Path | None, tensorrt: str | None = None, int8: bool | None = None) -> dict:
+    from appliance.export import export_run
+
+    with progress_bars() as bars:
+        result = export_run(ws, run, progress=RichProgress(bars), tensorrt=tensorrt, int8=int8).to_dict()
+    print_export_summary(result)
+    return result
+
+
+def print_export_summary(r: dict) -> None:
+    p = r["parity"]
+    fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)
+    t = Table(title=f"Export of run {r['run']} (parity on {p['n_series']} {p['split']} series)")
+    for col in ("artifact", "max abs diff", "min cosine", "zero-shot AUC", "size MB"):
+        t.add_column(col)
+    sizes = {f["path"]: f["bytes"] / 1e6 for f in r["files"]}
+    t.add_row("PyTorch fp32 (reference)", "-", "-", fmt(p["pytorch_zero_shot_auc"]), "-")
+    rows = [("image_onnx", "image_encoder.onnx", "image_embedding"), ("text_onnx", "text_encoder.onnx", "text_embedding"),
+            ("image_int8_onnx", "image_encoder.int8.onnx", "image_embedding"),
+            ("image_tensorrt_fp16", "image_encoder.fp16.plan", "image_embedding"),
+            ("image_tensorrt_int8", "image_encoder.int8.plan", "image_embedding")]
+    for key, name, output in rows:
+        if key in p:
+            m = p[key][output]
+            t.add_row(name, fmt(m["max_abs_diff"], "{:.2e}"), fmt(m["cosine_min"], "{:.6f}"),
+                      fmt(p[key].get("zero_shot_auc")), fmt(sizes.get(name), "{:.1f}"))
+    console.print(t)
+    exp = r["exporter"]
+    console.print("ONNX exporter: " + "; ".join(
+        f"{k} {v['exporter']} (opset {v['opset']})" + (f", fell back: {v['fallback_reason']}" if v["fallback_reason"] else "")
+        for k, v in exp.items()))
+    trt = r["tensorrt"]
+    console.print(f"TensorRT: built {', '.join(trt['built'])}" if trt.get("built") else
+                  f"[yellow]![/yellow] TensorRT skipped: {escape(str(trt.get('skipped')))}")
+    console.print(f"Triton models: {', '.join(r['triton_models'])}")
+    console.print(f"written to {r['out_dir']} (model_card.md, SHA256SUMS) in {r['seconds']:.0f} s")
+
+
 @app.command()
 def status(workspace: WorkspaceOpt = Path(".")) -> None:
     """What the catalog holds and where each stage stands."""
@@ -542,11 +591,12 @@ def demo(directory: Annotated[Path, typer.Option("--dir", help="Folder for the d
     print_labels_summary(result["stages"]["labels"])
     print_train_summary(result["stages"]["train"])
     print_eval_summary(result["stages"]["eval"])
+    print_export_summary(result["stages"]["export"])
     t = Table(title="Demo")
     for col in ("stage", "result", "seconds"):
         t.add_column(col)
     for row in result["table"]:
-        t.add_row(row["stage"], row["result"], f"{row['seconds']:.1f}")
+        t.add_row(row["stage"], escape(row["result"]), f"{row['seconds']:.1f}")
     console.print(t)
     console.print(f"summary written to {result['summary_path']}")
 
@@ -700,6 +750,68 @@ def bench_train_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")]
     console.print(t)
     for note in result["notes"]:
         console.print(f"- {note}")
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"written to {out}")
+
+
+@bench_app.command("export")
+def bench_export_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-export.json"),
+                     quick: Annotated[bool, typer.Option("--quick", help="Demo crop (56x56x36), GreenRFM-L, batch 1,2 (an explicit --variant or --batch-sizes wins).")] = False,
+                     variant: Annotated[Optional[str], typer.Option(help="all, lite or standard (default: all; lite with --quick).")] = None,
+                     batch_sizes: Annotated[Optional[str], typer.Option(help="Comma-separated, e.g. 1,2,4 (default: 1,2,4 on CPU, 1,4,8,16 on CUDA).")] = None,
+                     iterations: Annotated[int, typer.Option(min=1, help="Timed calls per backend and batch size.")] = 10,
+                     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls before them.")] = 2,
+                     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+                     tensorrt: Annotated[str, typer.Option(help="auto (when usable) or off.")] = "auto") -> None:
+    """Latency, volumes/s, peak memory and embedding parity of the exported image encoder per batch size:
+    PyTorch eager and AMP, onnxruntime CPU/CUDA, TensorRT FP16, with ratios vs PyTorch."""
+    from appliance.bench import DEMO_CROP, RECIPE_CROP
+    from appliance.export.bench import bench_export
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ApplianceError(f"--device {device}: use auto, cpu or cuda")
+    if tensorrt not in ("auto", "off"):
+        raise ApplianceError(f"--tensorrt {tensorrt}: use auto or off")
+    variant = variant or ("lite" if quick else "all")
+    if variant not in ("all", "lite", "standard"):
+        raise ApplianceError(f"--variant {variant}: use all, lite or standard")
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip()) if batch_sizes else ((1, 2) if quick else None)
+    except ValueError:
+        raise ApplianceError(f"--batch-sizes {batch_sizes!r}: use comma-separated integers, e.g. 1,2,4") from None
+    if sizes is not None and (not sizes or min(sizes) < 1):
+        raise ApplianceError(f"--batch-sizes {batch_sizes!r}: every batch size must be >= 1")
+    with console.status("benchmarking the exported image encoder (one process per variant and crop) ..."):
+        result = bench_export(variants=("lite", "standard") if variant == "all" else (variant,),
+                              crops=(DEMO_CROP,) if quick else (RECIPE_CROP,), batch_sizes=sizes,
+                              iterations=iterations, warmup=warmup, device=device, tensorrt=tensorrt)
+    t = Table(title=f"rfm bench export ({result['gpu'] or 'CPU'}, torch {result['torch']}, onnxruntime "
+                    f"{result['onnxruntime']}, tensorrt {result['tensorrt'] or '-'})")
+    for col in ("variant", "crop", "backend", "batch", "median ms", "p90 ms", "volumes/s", "x eager", "x AMP",
+                "peak memory", "cosine"):
+        t.add_column(col)
+    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)
+    shown_skips = set()
+    for r in result["results"]:
+        head = [r["variant"], "x".join(str(c) for c in r["crop"]), r["backend"]]
+        if "skipped" in r:  # once per variant, crop and backend; the reason is in the notes
+            if (r["variant"], tuple(r["crop"]), r["backend"]) not in shown_skips:
+                shown_skips.add((r["variant"], tuple(r["crop"]), r["backend"]))
+                t.add_row(*head, "all", "skipped", *[""] * 6)
+            continue
+        if "volumes_per_s" not in r:
+            failure = f"OOM: {r['oom']}" if "oom" in r else f"error: {r.get('error')}"
+            t.add_row(*head, str(r["batch"]), escape(failure[:80]), *[""] * 6)
+            continue
+        memory = (f"{r['peak_gpu_mb']:.0f} MB GPU" if r.get("peak_gpu_mb") is not None
+                  else f"{r['peak_rss_mb']:.0f} MB RSS")
+        cosine = "ref" if r.get("parity") == "reference" else fmt(r.get("cosine_min"), "{:.6f}")
+        t.add_row(*head, str(r["batch"]), fmt(r["latency_ms_median"], "{:.1f}"), fmt(r["latency_ms_p90"], "{:.1f}"),
+                  fmt(r["volumes_per_s"]), fmt(r.get("vs_eager"), "{:.2f}x"), fmt(r.get("vs_amp"), "{:.2f}x"), memory,
+                  cosine)
+    console.print(t)
+    for note in result["notes"]:
+        console.print(f"- {escape(note)}")
     out.write_text(json.dumps(result, indent=2))
     console.print(f"written to {out}")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from appliance.errors import ConfigError
 
@@ -181,6 +181,28 @@ class EvaluateSection(_Section):
     threshold: float = Field(default=0.5, gt=0, lt=1)
 
 
+class ExportSection(_Section):
+    exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
+    parity_series: int = Field(default=32, ge=1)
+    min_cosine_fp32: float = Field(default=0.9999, gt=0, le=1)
+    min_cosine_fp16: float = Field(default=0.999, gt=0, le=1)
+    min_cosine_int8: float = Field(default=0.99, gt=0, le=1)
+    tensorrt: Literal["auto", "on", "off"] = "auto"
+    int8: bool = False
+    calibration_series: int = Field(default=32, ge=1)
+    calibration_method: Literal["entropy", "minmax", "percentile"] = "entropy"
+    min_batch: int = Field(default=1, ge=1)
+    opt_batch: int = Field(default=4, ge=1)
+    max_batch: int = Field(default=16, ge=1)
+    workspace_gb: float = Field(default=4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered_batches(self) -> "ExportSection":
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError("min_batch <= opt_batch <= max_batch must hold")
+        return self
+
+
 class TrackingSection(_Section):
     enabled: bool = True
     uri: str | None = None
@@ -202,6 +224,7 @@ class SiteConfig(_Section):
     compute: ComputeSection = ComputeSection()
     train: TrainSection = TrainSection()
     evaluate: EvaluateSection = EvaluateSection()
+    export: ExportSection = ExportSection()
     tracking: TrackingSection = TrackingSection()
     workflow: WorkflowSection = WorkflowSection()
 

@@ -89,6 +89,23 @@ def _eval_row(ev: dict) -> dict:
                       f"{recall}"}
 
 
+def _export_row(ex: dict) -> dict:
+    p = ex["parity"]
+    image, text = p["image_onnx"], p["text_onnx"]
+    trt = ex["tensorrt"]
+    return {"stage": "export", "seconds": ex["seconds"],
+            "result": f"ONNX image + text encoders ({ex['exporter']['image']['exporter']} exporter); parity on "
+                      f"{p['n_series']} held-out series: min cosine {image['image_embedding']['cosine_min']:.6f} "
+                      f"(image), {text['text_embedding']['cosine_min']:.6f} (text), zero-shot AUC "
+                      f"{_fmt3(image['zero_shot_auc'])} vs PyTorch {_fmt3(p['pytorch_zero_shot_auc'])}; "
+                      + (f"TensorRT {', '.join(trt['built'])}" if trt.get("built") else f"TensorRT skipped ({trt['skipped']})")
+                      + f"; Triton repository of {len(ex['triton_models'])} models; model card"}
+
+
+def _fmt3(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def run_demo(directory: Path, studies: int = DEMO_STUDIES, seed: int = 0, epochs: int | None = None) -> dict:
     from appliance.synthetic import generate_cohort
     from appliance.synthetic.bad_inputs import plant_bad_inputs
@@ -140,6 +157,7 @@ def run_demo(directory: Path, studies: int = DEMO_STUDIES, seed: int = 0, epochs
                    f"strict macro F1 vs the cohort's truth {_label_f1(ws, cohort.ground_truth_path):.3f}"},
         _train_row(stages["train"]),
         _eval_row(stages["eval"]),
+        _export_row(stages["export"]),
         {"stage": "total", "seconds": time.perf_counter() - t0,
          "result": f"Prefect flow {t_flow:.1f} s (includes starting the local API)"},
     ]

@@ -15,6 +15,7 @@ from prefect.exceptions import MissingContextError
 
 from appliance.deid.stage import deidentify_workspace
 from appliance.evaluate.stage import evaluate_run
+from appliance.export import export_run
 from appliance.ingest import ingest_folder
 from appliance.labels.stage import label_workspace
 from appliance.preprocess.stage import preprocess_workspace
@@ -83,10 +84,16 @@ def eval_task(workspace: str, run_dir: str | None = None) -> dict:
     return evaluate_run(ws, Path(run_dir) if run_dir else None, progress=_progress())
 
 
+@task(name="export", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def export_task(workspace: str, run_dir: str | None = None) -> dict:
+    ws = open_workspace(workspace)
+    return export_run(ws, Path(run_dir) if run_dir else None, progress=_progress()).to_dict()
+
+
 @flow(name="site-pipeline", log_prints=False)
 def site_pipeline(workspace: str, source: str | None = None, force: bool = False, train: bool = True) -> dict:
     """Ingest (when a source folder is given), de-identify, preprocess, label, then (unless
-    train=False) train and evaluate; returns each stage's summary."""
+    train=False) train, evaluate and export; returns each stage's summary."""
     cfg = open_workspace(workspace).config().workflow
     retry = {"retries": cfg.task_retries, "retry_delay_seconds": cfg.retry_delay_s}
     results: dict[str, dict] = {}
@@ -98,4 +105,5 @@ def site_pipeline(workspace: str, source: str | None = None, force: bool = False
     if train:
         results["train"] = train_task.with_options(**retry)(workspace)
         results["eval"] = eval_task.with_options(**retry)(workspace, results["train"]["run_dir"])
+        results["export"] = export_task.with_options(**retry)(workspace, results["train"]["run_dir"])
     return results

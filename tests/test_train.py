@@ -210,14 +210,16 @@ def test_gradient_caching_equals_the_full_batch_gradient(trainable, tmp_path):
     assert rel(full["image_proj.weight"], micro["image_proj.weight"]) > 0.05
 
 
-def test_the_flow_trains_and_evaluates(trainable):
+def test_the_flow_trains_evaluates_and_exports(trainable):
     """The Prefect tasks call the same functions; the flow resumes an unfinished run."""
-    from flows.site import eval_task, train_task
+    from flows.site import eval_task, export_task, train_task
 
     out = train_task.fn(str(trainable.root))
     assert Path(out["run_dir"]).is_dir() and not out["resumed"]
     ev = eval_task.fn(str(trainable.root), out["run_dir"])
     assert ev["run_dir"] == out["run_dir"]
+    ex = export_task.fn(str(trainable.root), out["run_dir"])
+    assert ex["run"] == Path(out["run_dir"]).name and (Path(ex["out_dir"]) / "image_encoder.onnx").is_file()
 
 
 def test_nothing_is_written_outside_the_workspace(trainable, tmp_path, monkeypatch):
