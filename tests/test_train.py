@@ -94,9 +94,11 @@ def test_resume_after_kill_matches_an_uninterrupted_run(labelled_site, tmp_path)
     for name in ("straight", "killed"):
         shutil.copytree(labelled_site, tmp_path / name)
         ws = open_workspace(tmp_path / name)
-        # micro-batch 1 x 2 accumulation: several steps per epoch; a checkpoint every 2nd step,
-        # so the kill (after step 5) loses a step that the resumed run has to redo.
-        set_config(ws, train={"checkpoint_every": 2, "stage1": {"epochs": 2}, "stage2": {"epochs": 2},
+        # micro-batch 1 x 2 accumulation and a checkpoint every 2nd step, so the kill (after step 5)
+        # loses a step that the resumed run has to redo. The patient split follows the workspace's
+        # random key, so the training split can hold a single series (one step per epoch): three
+        # epochs per stage keep at least six steps whatever the split.
+        set_config(ws, train={"checkpoint_every": 2, "stage1": {"epochs": 3}, "stage2": {"epochs": 3},
                               "plan": {"micro_batch": 1, "grad_accumulation": 2}},
                    tracking={"enabled": True})
         sites[name] = ws
@@ -208,6 +210,31 @@ def test_gradient_caching_equals_the_full_batch_gradient(trainable, tmp_path):
     assert worst < 5e-3
     # ... while four 1-sample InfoNCEs (no negatives) give a different gradient altogether
     assert rel(full["image_proj.weight"], micro["image_proj.weight"]) > 0.05
+
+
+def test_starting_the_loaders_leaves_the_global_rng_alone(trainable, tmp_path):
+    """A resumed run starts a training iterator (and validation ones) where the uninterrupted run did
+    not; if that drew from the global RNG, dropout would differ from then on and resume would not
+    equal the uninterrupted run."""
+    from dataclasses import replace
+
+    from appliance.hardware import detect_hardware, plan_profile
+    from appliance.models import build_site_tokenizer
+    from appliance.progress import SilentProgress
+    from appliance.train.data import collect_training_data
+    from appliance.train.trainer import _Trainer
+
+    data = collect_training_data(trainable)
+    items = list(data.items)
+    tokenizer = build_site_tokenizer([it.text for it in items], vocab_size=300, max_length=64)
+    plan = replace(plan_profile(detect_hardware(tmp_path), "cpu"), micro_batch=2, grad_accumulation=1,
+                   dataloader_workers=0)
+    trainer = _Trainer(None, trainable.config().train, plan, tmp_path, SilentProgress(), None, None)
+    trainer.setup_data({"train": items[:4], "val": [], "test": []}, list(data.findings), tokenizer)
+    before = torch.get_rng_state()
+    for epoch, start in ((0, 0), (0, 2), (1, 4)):  # a fresh start, mid-epoch, an epoch already done
+        list(trainer.loader(epoch, start))
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_the_flow_trains_evaluates_and_exports(trainable):

@@ -224,6 +224,14 @@ def _chunks(batch: dict, size: int) -> list[dict]:
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
+def _loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator. Without one, every iterator it starts draws its worker seed from
+    the global RNG, so a run resumed mid-phase (a new iterator the uninterrupted run never made)
+    would see other dropout masks from then on. Order and crops come from EpochSampler and
+    item_rng, not from this generator."""
+    return torch.Generator().manual_seed(seed)
+
+
 def _concat(batches: list[dict]) -> dict:
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
@@ -267,7 +275,8 @@ class _Trainer:
             self._loader = DataLoader(
                 self.train_set, batch_size=self.plan.micro_batch, sampler=self._sampler, num_workers=workers,
                 pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
-                persistent_workers=workers > 0, multiprocessing_context="spawn" if workers else None)
+                persistent_workers=workers > 0, multiprocessing_context="spawn" if workers else None,
+                generator=_loader_generator(self.cfg.seed))
         else:
             self._sampler.set_epoch(epoch, start)
         return self._loader
@@ -453,7 +462,8 @@ class _Trainer:
 
         self.model.eval()
         logits, labels = [], []
-        loader = DataLoader(self.val_set, batch_size=self.plan.micro_batch, num_workers=0)
+        loader = DataLoader(self.val_set, batch_size=self.plan.micro_batch, num_workers=0,
+                            generator=_loader_generator(self.cfg.seed))
         for batch in loader:
             batch = _to_device(batch, self.device, self.plan.channels_last_3d)
             with self.autocast():
