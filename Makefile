@@ -21,13 +21,14 @@ demo: install
 
 # The federation tests (real SuperLink/SuperNode processes) spend most of their time waiting on
 # Flower's polling and heartbeats, so they run beside the rest of the suite, with the export tests
-# to fill that waiting; their report follows.
+# to fill that waiting; their report follows. Their temporary folders (several GB of site
+# workspaces) are removed afterwards.
 FED_TESTS := tests/test_fed_deploy.py tests/test_export.py
 test: install
 	@fedlog=$$(mktemp); fedtmp=$$(mktemp -d -u /tmp/rfm-fed-tests-XXXXXX); \
 	$(BIN)/python -m pytest $(FED_TESTS) --basetemp=$$fedtmp -p no:cacheprovider > $$fedlog 2>&1 & fed=$$!; \
 	$(BIN)/python -m pytest $(addprefix --ignore=,$(FED_TESTS)); rest=$$?; \
-	wait $$fed; fedrc=$$?; echo "---- $(FED_TESTS) (run alongside) ----"; cat $$fedlog; rm -f $$fedlog; \
+	wait $$fed; fedrc=$$?; echo "---- $(FED_TESTS) (run alongside) ----"; cat $$fedlog; rm -rf $$fedlog $$fedtmp; \
 	test $$rest -eq 0 -a $$fedrc -eq 0
 
 bench: install

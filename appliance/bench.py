@@ -384,6 +384,7 @@ def _measure_train(variant: str, crop: tuple, steps: int, warmup: int, device: s
 
         batches = [step_batch(e) for e in range(min(2, warmup + steps))]
         stages: dict[str, dict] = {}
+        inference: dict = {}
         failure = None
         gpu_used_outside_allocator = None
         try:
@@ -422,6 +423,8 @@ def _measure_train(variant: str, crop: tuple, steps: int, warmup: int, device: s
                 gc.collect()
                 if cuda:
                     torch.cuda.empty_cache()
+            inference = _measure_inference(trainer.model, batches[0]["volume"], steps, warmup, trainer.plan,
+                                           trainer.autocast, cuda)
         except ApplianceError as exc:  # out of memory at micro-batch 1
             failure = str(exc)
         except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -451,6 +454,7 @@ def _measure_train(variant: str, crop: tuple, steps: int, warmup: int, device: s
             "stages": stages,
             "stage1_samples_per_s": stages.get("stage1", {}).get("samples_per_s"),
             "stage2_samples_per_s": stages.get("stage2", {}).get("samples_per_s"),
+            "inference_samples_per_s": inference.get("samples_per_s"), "inference": inference,
             "loader_samples_per_s": passes * n_loaded / t_load if t_load > 0 else 0.0,
             "loader": {"items": n_items, "passes": passes, "workers": plan.dataloader_workers,
                        "micro_batch": plan.micro_batch, "seconds": t_load},
@@ -465,11 +469,41 @@ def _measure_train(variant: str, crop: tuple, steps: int, warmup: int, device: s
         })
 
 
+def _measure_inference(model, volume, steps: int, warmup: int, plan, autocast, cuda: bool) -> dict:
+    """Forward-only image encoder + classifier (eval mode, no grad) at the plan's micro-batch, on a
+    batch already on the device: what serving or `rfm eval` costs per volume."""
+    import torch
+
+    model.eval()
+    volume = volume[:plan.micro_batch].to(next(model.parameters()).device)
+    if plan.channels_last_3d:
+        volume = volume.contiguous(memory_format=torch.channels_last_3d)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            if i == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            with autocast():
+                model(volume, with_logits=True)
+        if cuda:
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    samples = steps * len(volume)
+    return {"samples_per_s": samples / seconds if seconds > 0 else 0.0, "seconds": seconds, "samples": samples,
+            "batch": len(volume), "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "what": "image encoder + classifier forward, eval mode, no grad, at the plan's micro-batch"}
+
+
 def bench_train(crops=(RECIPE_CROP, DEMO_CROP), variants=("standard", "lite"), steps: int = 3, warmup: int = 1,
                 device: str = "auto", memory_fraction_gb: float | None = None, text: str = "auto",
                 loader_passes: int = 2) -> dict:
-    """Training samples/s of each stage, peak GPU memory and peak RSS, and data-loader samples/s,
-    for each (variant, crop), each measured in a fresh process on random cached volumes.
+    """Training samples/s of each stage, forward-only inference samples/s, peak GPU memory and peak RSS,
+    and data-loader samples/s, for each (variant, crop), each measured in a fresh process on random cached
+    volumes.
 
     memory_fraction_gb emulates a smaller card on a CUDA machine: the plan is made for a GPU of that
     size and torch's allocator is capped to it (set_per_process_memory_fraction).
@@ -495,6 +529,8 @@ def bench_train(crops=(RECIPE_CROP, DEMO_CROP), variants=("standard", "lite"), s
         f"{warmup} untimed warm-up step(s), batches already in host memory",
         "stage 1 = supervised_step (BCE of each encoder); stage 2 = alignment_step (InfoNCE over the effective "
         "batch by gradient caching: a no-grad pass then a grad pass, so about twice stage 1's work)",
+        "inference samples/s = forward-only image encoder + classifier (eval mode, no grad, the plan's precision) "
+        f"at the micro-batch, {steps} timed call(s) after {warmup} warm-up call(s)",
         "loader samples/s = trainer.loader() over the cached volumes with the plan's workers and no model, "
         f"{loader_passes} pass(es) after a warm-up pass (the workers persist across passes, as across "
         "epochs in training); the volumes sit in the page cache",

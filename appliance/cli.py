@@ -132,14 +132,18 @@ def synth(out: Annotated[Path, typer.Argument(help="Folder to write the cohort i
           enrich: Annotated[float, typer.Option(min=0.0, max=4.0, help="Added to every finding's log-odds "
                                                 "(0: realistic prevalences).")] = 0.0,
           conspicuity: Annotated[float, typer.Option(min=1.0, max=4.0, help="Draw findings this much larger "
-                                                     "(1: realistic sizes; the demo uses more).")] = 1.0) -> None:
+                                                     "(1: realistic sizes; the demo uses more).")] = 1.0,
+          prognosis: Annotated[bool, typer.Option("--prognosis", help="Add a 12-month outcome per study (image "
+                                                  "findings + a clinical status only the report states) and "
+                                                  "outcomes.csv.")] = False) -> None:
     """Write a synthetic chest-CT cohort: DICOM series, reports.jsonl and ground_truth.json."""
     from appliance.synthetic import generate_cohort
 
     with progress_bars() as bars:
         task = bars.add_task("synthesise", total=studies)
         summary = generate_cohort(out, n_studies=studies, seed=seed, matrix=matrix, slices=slices,
-                                  enrich_findings=enrich, conspicuity=conspicuity, progress=lambda k: bars.update(task, completed=k))
+                                  enrich_findings=enrich, conspicuity=conspicuity, prognosis=prognosis,
+                                  progress=lambda k: bars.update(task, completed=k))
     t = Table(title="Synthetic cohort", show_header=False)
     t.add_row("studies", str(summary.n_studies))
     t.add_row("series", str(summary.n_series))
@@ -481,6 +485,64 @@ def print_eval_summary(r: dict) -> None:
     console.print(t)
 
 
+@app.command("distill")
+def distill_cmd(workspace: WorkspaceOpt = Path("."),
+                run: Annotated[Optional[Path], typer.Option(help="Training run whose encoder is used (default: newest finished).")] = None,
+                outcomes: Annotated[Optional[Path], typer.Option(help="CSV of per-study outcomes (accession_number or study_instance_uid + target columns).")] = None,
+                target: Annotated[Optional[list[str]], typer.Option(help="Outcome column(s) to model (default: all).")] = None,
+                seeds: Annotated[Optional[int], typer.Option(min=1, max=20, help="Seeds per method (default: site.yaml).")] = None,
+                encoder: Annotated[Optional[str], typer.Option(help="Full -> Lite encoder distillation: auto, on or off.")] = None) -> None:
+    """Task heads with report-privileged distillation per outcome; full -> Lite encoder distillation."""
+    from appliance.workspace import open_workspace
+
+    _distill(open_workspace(workspace), run, outcomes, target, seeds, encoder)
+
+
+def _distill(ws, run=None, outcomes=None, targets=None, seeds=None, encoder=None) -> dict:
+    from appliance.distill.stage import distill_workspace
+
+    with progress_bars() as bars:
+        result = distill_workspace(ws, run, outcomes=outcomes, targets=targets, seeds=seeds, encoder=encoder,
+                                   progress=RichProgress(bars)).to_dict()
+    print_distill_summary(result)
+    return result
+
+
+def print_distill_summary(r: dict) -> None:
+    from appliance.distill.stage import METHOD_NAMES
+
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    if r.get("skipped"):
+        console.print(f"[yellow]![/yellow] task heads skipped: {escape(r['skipped'])}")
+    for target, res in r["targets"].items():
+        if "skipped" in res:
+            console.print(f"[yellow]![/yellow] outcome {target}: skipped ({escape(res['skipped'])})")
+            continue
+        t = Table(title=f"Outcome {target}: {res['n_train']} train / {res['n_val']} val / {res['n_test']} test series, "
+                        f"{len(res['seeds'])} seeds")
+        for col in ("method", "AUC mean ± sd", "95% CI", "AUPRC mean", "95% CI"):
+            t.add_column(col)
+        for key, name in METHOD_NAMES.items():
+            m = res["methods"].get(key)
+            if m:
+                avg = m["seed_averaged"]
+                t.add_row(name, f"{fmt(m['auc_mean'])} ± {fmt(m['auc_std'])}", "-".join(fmt(x) for x in avg["auc_ci95"]),
+                          fmt(m["auprc_mean"]), "-".join(fmt(x) for x in avg["auprc_ci95"]))
+        for key, d in res["paired"].items():
+            t.add_row(key.replace("-", " - ") + " (paired)", fmt(d["auc_delta_mean"]),
+                      "-".join(fmt(x) for x in d["auc_delta_ci95"]), "", "")
+        console.print(t)
+    enc = r.get("encoder") or {}
+    if "skipped" in enc:
+        console.print(f"full -> Lite encoder: skipped ({escape(enc['skipped'])})")
+    elif enc:
+        c = enc.get("comparison", enc)
+        console.print(f"full -> Lite encoder: zero-shot AUC teacher {fmt(c.get('teacher_zero_shot_auc'))}, student "
+                      f"{fmt(c.get('student_zero_shot_auc'))} (retained {fmt(c.get('retained_fraction'))}); "
+                      f"inference {fmt(c.get('speedup'))}x faster; student run {enc.get('run_dir')}")
+    console.print(f"report: {r['run_dir']}/report.md ({r['seconds']:.0f} s)")
+
+
 @app.command("export")
 def export_cmd(workspace: WorkspaceOpt = Path("."),
                run: Annotated[Optional[Path], typer.Option(help="Run folder (default: newest finished run).")] = None,
@@ -591,6 +653,7 @@ def demo(directory: Annotated[Path, typer.Option("--dir", help="Folder for the d
     print_labels_summary(result["stages"]["labels"])
     print_train_summary(result["stages"]["train"])
     print_eval_summary(result["stages"]["eval"])
+    print_distill_summary(result["stages"]["distill"])
     print_export_summary(result["stages"]["export"])
     t = Table(title="Demo")
     for col in ("stage", "result", "seconds"):
@@ -716,7 +779,7 @@ def bench_train_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")]
                     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
                     emulate_gb: Annotated[Optional[float], typer.Option(min=1.0, help="Plan for a GPU of this many GB and cap torch's allocator to it.")] = None,
                     text: Annotated[str, typer.Option(help="Text encoder: auto (bert-base on GPU, tiny on CPU), tiny or bert-base.")] = "auto") -> None:
-    """Training samples/s per stage, peak GPU memory and RSS, and loader samples/s, per variant and crop."""
+    """Training samples/s per stage, inference samples/s, peak GPU memory and RSS, and loader samples/s, per variant and crop."""
     from appliance.bench import DEMO_CROP, RECIPE_CROP, bench_train
 
     if device not in ("auto", "cpu", "cuda"):
@@ -734,14 +797,16 @@ def bench_train_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")]
     backoffs = any(r["oom_backoffs"] or not r["finished"] for r in rows)
     t = Table(title=title)
     for col in ("variant", "crop", "micro x accum", "precision", "stage1 samples/s", "stage2 samples/s",
-                "loader samples/s", "peak GPU GB", "peak RSS MB") + (("OOM back-offs",) if backoffs else ()):
+                "inference samples/s", "loader samples/s", "peak GPU GB",
+                "peak RSS MB") + (("OOM back-offs",) if backoffs else ()):
         t.add_column(col)
     fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)
     for r in rows:
         plan = r["plan"]
         cells = [r["variant"], "x".join(str(c) for c in r["crop"]), f"{plan['micro_batch']} x {plan['grad_accumulation']}",
                  plan["precision"], fmt(r["stage1_samples_per_s"]),
-                 fmt(r["stage2_samples_per_s"]) if r["finished"] else "OOM", fmt(r["loader_samples_per_s"], "{:.1f}"),
+                 fmt(r["stage2_samples_per_s"]) if r["finished"] else "OOM", fmt(r.get("inference_samples_per_s")),
+                 fmt(r["loader_samples_per_s"], "{:.1f}"),
                  fmt(r["peak_gpu_mem_gb"]), f"{r['peak_rss_mb']:.0f}"]
         if backoffs:
             cells.append(f"{r['oom_backoffs']} (micro {r['final_micro_batch']})" if r["finished"]
@@ -750,6 +815,12 @@ def bench_train_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")]
     console.print(t)
     for note in result["notes"]:
         console.print(f"- {note}")
+    speed = {(r["variant"], tuple(r["crop"])): r.get("inference_samples_per_s") for r in rows}
+    for crop in dict.fromkeys(tuple(r["crop"]) for r in rows):
+        lite, standard = speed.get(("lite", crop)), speed.get(("standard", crop))
+        if lite and standard:
+            console.print(f"- inference speed-up GreenRFM-L / GreenRFM at {'x'.join(map(str, crop))}: "
+                          f"{lite / standard:.2f}x ({lite:.2f} vs {standard:.2f} samples/s)")
     out.write_text(json.dumps(result, indent=2))
     console.print(f"written to {out}")
 

@@ -181,6 +181,25 @@ class EvaluateSection(_Section):
     threshold: float = Field(default=0.5, gt=0, lt=1)
 
 
+class DistillSection(_Section):
+    outcomes: str | None = None
+    targets: tuple[str, ...] | None = None
+    seeds: int = Field(default=3, ge=1, le=20)
+    lam: float = Field(default=0.5, ge=0, le=1)
+    tau: float = Field(default=0.25, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
+    batch_size: int = Field(default=64, ge=1)
+    max_epochs: int = Field(default=200, ge=1)
+    patience: int = Field(default=20, ge=1)
+    attn_dropout: float = Field(default=0.2, ge=0, lt=1)
+    head_dim: int = Field(default=128, ge=4)
+    image_token_grid: tuple[int, int, int] = (4, 4, 4)
+    bootstrap: int = Field(default=1000, ge=0)
+    encoder: Literal["auto", "on", "off"] = "auto"
+    encoder_epochs: int = Field(default=5, ge=1)
+    encoder_lr: float = Field(default=1e-3, gt=0)
+
+
 class ExportSection(_Section):
     exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
     parity_series: int = Field(default=32, ge=1)
@@ -224,6 +243,7 @@ class SiteConfig(_Section):
     compute: ComputeSection = ComputeSection()
     train: TrainSection = TrainSection()
     evaluate: EvaluateSection = EvaluateSection()
+    distill: DistillSection = DistillSection()
     export: ExportSection = ExportSection()
     tracking: TrackingSection = TrackingSection()
     workflow: WorkflowSection = WorkflowSection()

@@ -21,7 +21,9 @@ DEMO_STUDIES = 360
 # Findings at higher prevalence (+1.5 log-odds: 2-25 % becomes 10-60 %), so that 360 studies hold
 # enough positives of every finding to train on and to measure a held-out AUC; findings drawn 2.5x
 # larger, so that small ones (calcifications, leads, airway walls) are not averaged away in 6 mm voxels.
-DEMO_COHORT = {"matrix": 64, "slices": 32, "enrich_findings": 1.5, "conspicuity": 2.5}
+# prognosis: a 12-month outcome per study (image findings + a clinical status only the report
+# states) and outcomes.csv, for the privileged-information distillation.
+DEMO_COHORT = {"matrix": 64, "slices": 32, "enrich_findings": 1.5, "conspicuity": 2.5, "prognosis": True}
 DEMO_SETTINGS = {
     "site": {"name": "demo"},
     # The synthetic burned-in text is found by the pixel detector; OCR would add ~1 s per image.
@@ -89,6 +91,22 @@ def _eval_row(ev: dict) -> dict:
                       f"{recall}"}
 
 
+def _distill_row(di: dict) -> dict:
+    parts = []
+    for target, r in di["targets"].items():
+        if "skipped" in r:
+            parts.append(f"{target}: skipped ({r['skipped']})")
+            continue
+        m, d = r["methods"], r["paired"]
+        parts.append(f"{target}: AUC image-only {_fmt3(m['baseline']['auc_mean'])}, self-distilled "
+                     f"{_fmt3(m['self_distilled']['auc_mean'])}, report-distilled {_fmt3(m['text_distilled']['auc_mean'])} "
+                     f"(paired gain vs image-only {_fmt3(d['text_distilled-baseline']['auc_delta_mean'])}), "
+                     f"report teacher {_fmt3(m['teacher_text']['auc_mean'])}; {len(r['seeds'])} seeds")
+    enc = di.get("encoder") or {}
+    parts.append(f"full -> Lite: {enc['skipped']}" if "skipped" in enc else "full -> Lite encoder distilled")
+    return {"stage": "distill", "seconds": di["seconds"], "result": "; ".join(parts)}
+
+
 def _export_row(ex: dict) -> dict:
     p = ex["parity"]
     image, text = p["image_onnx"], p["text_onnx"]
@@ -108,6 +126,7 @@ def _fmt3(value) -> str:
 
 def run_demo(directory: Path, studies: int = DEMO_STUDIES, seed: int = 0, epochs: int | None = None) -> dict:
     from appliance.synthetic import generate_cohort
+    from appliance.synthetic.cohort import OUTCOMES_CSV
     from appliance.synthetic.bad_inputs import plant_bad_inputs
     from appliance.workflow import prepare_prefect_env
 
@@ -133,7 +152,8 @@ def run_demo(directory: Path, studies: int = DEMO_STUDIES, seed: int = 0, epochs
     from flows.site import site_pipeline
 
     t1 = time.perf_counter()
-    stages = site_pipeline(str(ws.root), str(source))
+    outcomes = cohort.out_dir / OUTCOMES_CSV  # the "EHR extract", read where it lies
+    stages = site_pipeline(str(ws.root), str(source), outcomes=str(outcomes))
     t_flow = time.perf_counter() - t1
 
     ing, deid, pre, lab = stages["ingest"], stages["deid"], stages["preprocess"], stages["labels"]
@@ -157,6 +177,7 @@ def run_demo(directory: Path, studies: int = DEMO_STUDIES, seed: int = 0, epochs
                    f"strict macro F1 vs the cohort's truth {_label_f1(ws, cohort.ground_truth_path):.3f}"},
         _train_row(stages["train"]),
         _eval_row(stages["eval"]),
+        _distill_row(stages["distill"]),
         _export_row(stages["export"]),
         {"stage": "total", "seconds": time.perf_counter() - t0,
          "result": f"Prefect flow {t_flow:.1f} s (includes starting the local API)"},

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from appliance.deid.stage import deidentify_workspace
+from appliance.distill.stage import distill_workspace
 from appliance.evaluate.stage import evaluate_run
 from appliance.export import export_run
 from appliance.ingest import ingest_folder
@@ -84,6 +85,13 @@ def eval_task(workspace: str, run_dir: str | None = None) -> dict:
     return evaluate_run(ws, Path(run_dir) if run_dir else None, progress=_progress())
 
 
+@task(name="distill", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def distill_task(workspace: str, run_dir: str | None = None, outcomes: str | None = None) -> dict:
+    ws = open_workspace(workspace)
+    return distill_workspace(ws, Path(run_dir) if run_dir else None, outcomes=Path(outcomes) if outcomes else None,
+                             progress=_progress()).to_dict()
+
+
 @task(name="export", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
 def export_task(workspace: str, run_dir: str | None = None) -> dict:
     ws = open_workspace(workspace)
@@ -91,9 +99,11 @@ def export_task(workspace: str, run_dir: str | None = None) -> dict:
 
 
 @flow(name="site-pipeline", log_prints=False)
-def site_pipeline(workspace: str, source: str | None = None, force: bool = False, train: bool = True) -> dict:
+def site_pipeline(workspace: str, source: str | None = None, force: bool = False, train: bool = True,
+                  outcomes: str | None = None) -> dict:
     """Ingest (when a source folder is given), de-identify, preprocess, label, then (unless
-    train=False) train, evaluate and export; returns each stage's summary."""
+    train=False) train, evaluate, distil (task heads for the outcomes CSV, if any; full -> Lite
+    when the run is the full model) and export; returns each stage's summary."""
     cfg = open_workspace(workspace).config().workflow
     retry = {"retries": cfg.task_retries, "retry_delay_seconds": cfg.retry_delay_s}
     results: dict[str, dict] = {}
@@ -105,5 +115,6 @@ def site_pipeline(workspace: str, source: str | None = None, force: bool = False
     if train:
         results["train"] = train_task.with_options(**retry)(workspace)
         results["eval"] = eval_task.with_options(**retry)(workspace, results["train"]["run_dir"])
+        results["distill"] = distill_task.with_options(**retry)(workspace, results["train"]["run_dir"], outcomes)
         results["export"] = export_task.with_options(**retry)(workspace, results["train"]["run_dir"])
     return results

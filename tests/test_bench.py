@@ -66,7 +66,8 @@ def test_bench_train_on_cpu_reports_every_figure():
     for r in result["results"]:
         assert r["finished"] and r["failure"] is None
         assert set(r["stages"]) == {"stage1", "stage2"}
-        for key in ("stage1_samples_per_s", "stage2_samples_per_s", "loader_samples_per_s", "peak_rss_mb"):
+        for key in ("stage1_samples_per_s", "stage2_samples_per_s", "inference_samples_per_s", "loader_samples_per_s",
+                    "peak_rss_mb"):
             assert r[key] > 0, key
         for stage in r["stages"].values():
             assert stage["samples"] == r["step_samples"] == 2 and stage["seconds"] > 0
@@ -75,3 +76,4 @@ def test_bench_train_on_cpu_reports_every_figure():
         assert (r["plan"]["micro_batch"], r["plan"]["grad_accumulation"]) == (2, 1)
         assert r["oom_backoffs"] == 0 and r["final_micro_batch"] == 2
         assert r["text_encoder"] == "tiny"
+        assert r["inference"]["batch"] == r["plan"]["micro_batch"] and r["inference"]["samples"] >= 1

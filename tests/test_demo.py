@@ -31,11 +31,15 @@ def test_demo_runs_the_flow_and_writes_the_summary(tmp_path):
     labels = summary["stages"]["labels"]
     assert labels["reports"] == summary["cohort"]["studies"] and labels["queued"] == 0
     assert [r["stage"] for r in summary["table"]] == ["synthesise", "ingest", "deid", "preprocess", "labels", "train",
-                                                      "eval", "export", "total"]
+                                                      "eval", "distill", "export", "total"]
     train, ev = summary["stages"]["train"], summary["stages"]["eval"]
     assert [p["name"] for p in train["phases"]] == ["stage1", "stage2"] and all(p["steps"] > 0 for p in train["phases"])
     assert 0.0 <= ev["zero_shot_auc"] <= 1.0 and ev["n_test_studies"] >= 1
     assert Path(ev["report"]["markdown"]).is_file()
+    di = summary["stages"]["distill"]
+    assert di["outcomes"]["matched"] == summary["cohort"]["studies"]
+    assert set(di["targets"]) == {"adverse_event_12m", "pleural_effusion"}
+    assert di["encoder"]["skipped"] and (Path(di["run_dir"]) / "report.md").is_file()
     ex = summary["stages"]["export"]
     assert ex["parity"]["image_onnx"]["image_embedding"]["cosine_min"] >= 0.9999
     assert (Path(ex["out_dir"]) / "model_card.md").is_file() and "greenrfm_image" in ex["triton_models"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 import time
@@ -21,6 +22,7 @@ from appliance.synthetic.reports import ReportContext, write_report
 from appliance.synthetic.uids import derived_rng, derived_seed, synthetic_uid
 
 GENERATOR_VERSION = 1
+OUTCOMES_CSV = "outcomes.csv"  # with prognosis=True: the EHR-like outcome extract beside dicom/
 PRIVATE_CREATOR = "RFM SYNTHETIC PHI"
 PRIVATE_GROUP = 0x0071
 
@@ -116,6 +118,33 @@ def _draw_findings(rng: np.random.Generator, f: dict, infection: bool, enrich: f
     return found
 
 
+# The prognostic outcome (`prognosis=True`): an adverse event within 12 months whose log-odds add
+# the disease burden visible in the images to the clinical status that only the report states.
+ACUITY_LEVELS = ("stable", "deteriorating", "critical")
+_ACUITY_SENTENCES = {
+    "stable": ["Clinically stable outpatient per the referring team.", "Referring team reports a stable clinical course."],
+    "deteriorating": ["Referring team reports clinical deterioration.", "Clinical status: deteriorating per the ward team."],
+    "critical": ["Patient in intensive care, critical condition per the referring team.",
+                 "Clinical status: critical, admitted to intensive care."],
+}
+_BURDEN_WEIGHTS = {"cardiomegaly": 1.0, "pleural effusion": 1.0, "consolidation": 1.0, "emphysema": 0.8,
+                   "lung nodule": 0.6, "lymphadenopathy": 0.8, "pericardial effusion": 0.8, "lung opacity": 0.6}
+_SEVERITY_SCALE = {"small": 0.7, "mild": 0.7, "moderate": 1.0, "large": 1.5, "severe": 1.5}
+
+
+def _prognosis(rng: np.random.Generator, findings: dict[str, dict], infection: bool) -> dict:
+    """Clinical status (report only) and the 12-month adverse event it drives with the image burden."""
+    burden = sum(weight * _SEVERITY_SCALE.get(str(findings[name].get("severity", "moderate")), 1.0)
+                 for name, weight in _BURDEN_WEIGHTS.items() if name in findings)
+    p = np.array([0.6, 0.3, 0.1]) if not infection else np.array([0.4, 0.4, 0.2])
+    acuity = int(rng.choice(3, p=p))
+    logit = -2.6 + 0.9 * burden + 1.6 * acuity
+    return {"clinical_status": ACUITY_LEVELS[acuity], "image_burden": round(burden, 3),
+            "event_probability": round(float(_sigmoid(logit)), 4),
+            "adverse_event_12m": int(rng.random() < _sigmoid(logit)),
+            "sentence": str(rng.choice(_ACUITY_SENTENCES[ACUITY_LEVELS[acuity]]))}
+
+
 def _dicom_date(d: dt.date) -> str:
     return d.strftime("%Y%m%d")
 
@@ -180,6 +209,7 @@ def generate_cohort(
     progress: Callable[[int], None] | None = None,
     enrich_findings: float = 0.0,
     conspicuity: float = 1.0,
+    prognosis: bool = False,
 ) -> CohortSummary:
     """Write `n_studies` synthetic chest CT studies with reports, planted PHI and ground truth under `out_dir`.
 
@@ -189,7 +219,10 @@ def generate_cohort(
     same bytes.
     `progress(k)` is called after the k-th study is written. `enrich_findings` raises every finding's
     prevalence (log-odds added); `conspicuity` draws findings larger (see `make_chest_phantom`).
-    Both default to the realistic cohort.
+    Both default to the realistic cohort. `prognosis` adds a per-study outcome (an adverse event
+    within 12 months) driven partly by image findings and partly by a clinical status that only the
+    report's impression states; outcomes are written to `outcomes.csv` beside the DICOM folder (as
+    a site's EHR extract would be: accession number, study UID, outcome) and to the ground truth.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -214,7 +247,7 @@ def generate_cohort(
             findings |= prior[-1]["findings"] & _CHRONIC
         rec, report, files, series_count = _write_study(
             dicom_dir, seed, study_index, pt, visit, date, findings, prior[-1] if prior else None,
-            srng, matrix, slices, infection, conspicuity)
+            srng, matrix, slices, infection, conspicuity, prognosis)
         visits_done.setdefault(patient, []).append({"date": date, "findings": findings, "rec": rec})
         records.append((study_index, rec))
         reports.append((study_index, report))
@@ -232,10 +265,18 @@ def generate_cohort(
     truth = {
         "generator": {"name": "appliance.synthetic.generate_cohort", "version": GENERATOR_VERSION, "seed": seed,
                       "n_studies": n_studies, "matrix": matrix, "slices": slices,
-                      "enrich_findings": enrich_findings, "conspicuity": conspicuity},
+                      "enrich_findings": enrich_findings, "conspicuity": conspicuity}
+                     | ({"prognosis": True} if prognosis else {}),
         "vocabulary": list(CT_RATE_18),
         "studies": [r for _, r in records],
     }
+    if prognosis:
+        with (out_dir / OUTCOMES_CSV).open("w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["accession_number", "study_instance_uid", "adverse_event_12m", "pleural_effusion"])
+            for _, r in records:
+                writer.writerow([r["accession_number"], r["study_instance_uid"], r["outcome"]["adverse_event_12m"],
+                                 r["image_truth"]["pleural effusion"]])
     truth_path = out_dir / "ground_truth.json"
     truth_path.write_text(json.dumps(truth, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return CohortSummary(out_dir=out_dir, dicom_dir=dicom_dir, reports_path=reports_path, ground_truth_path=truth_path,
@@ -253,7 +294,7 @@ def _file_namer(rng: np.random.Generator, style: int, n_slices: int) -> Callable
 
 
 def _write_study(dicom_dir, seed, study_index, pt, visit, date, findings, prior, srng, matrix, slices, infection,
-                 conspicuity=1.0):
+                 conspicuity=1.0, prognosis=False):
     vendor = _VENDORS[pt["vendor"]]
     inst_name, inst_addr, inst_code = pt["institution"]
     contrast = bool(srng.random() < 0.35)
@@ -380,7 +421,9 @@ def _write_study(dicom_dir, seed, study_index, pt, visit, date, findings, prior,
         age=age, sex=pt["sex"], exam_date=_us_date(date), prior_date=_us_date(prior["date"]) if prior else None,
         radiologist=f"{radiologist[0].title()} {radiologist[1].title()}",
         discussed_with=f"{discussed[0].title()} {discussed[1].title()}", contrast=contrast)
-    text, labels = write_report(derived_rng(seed, "report", study_index), phantom.findings, ctx)
+    outcome = _prognosis(derived_rng(seed, "prognosis", study_index), phantom.findings, infection) if prognosis else None
+    text, labels = write_report(derived_rng(seed, "report", study_index), phantom.findings, ctx,
+                                clinical_status=outcome.pop("sentence") if outcome else None)
     phi += ctx.phi
     record = {
         "study_instance_uid": study_uid,
@@ -401,5 +444,7 @@ def _write_study(dicom_dir, seed, study_index, pt, visit, date, findings, prior,
         "burned_in_lines": burned_lines,
         "series": series_out,
     }
+    if outcome is not None:
+        record["outcome"] = outcome
     report = {"study_instance_uid": study_uid, "accession_number": accession, "text": text}
     return record, report, n_files, len(series_out)

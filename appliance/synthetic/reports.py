@@ -215,8 +215,12 @@ class ReportContext:
     phi: list[str] = field(default_factory=list)
 
 
-def write_report(rng: np.random.Generator, planted: dict[str, dict], ctx: ReportContext) -> tuple[str, dict[str, int]]:
-    """Report text and its labels for every CT-RATE finding; PHI strings used are appended to ctx.phi."""
+def write_report(rng: np.random.Generator, planted: dict[str, dict], ctx: ReportContext,
+                 clinical_status: str | None = None) -> tuple[str, dict[str, int]]:
+    """Report text and its labels for every CT-RATE finding; PHI strings used are appended to ctx.phi.
+
+    `clinical_status` (a sentence) ends the impression: what the referring team said about the
+    patient, which the images do not show (the cohort's prognostic outcome depends on it)."""
     statements: dict[str, list[str]] = {k: [] for k in _SECTION_TITLES}
     impression: list[str] = []
     labels: dict[str, int] = {}
@@ -288,6 +292,8 @@ def write_report(rng: np.random.Generator, planted: dict[str, dict], ctx: Report
         imp = "\n".join(f"{n + 1}. {impression[i]}" for n, i in enumerate(order))
     else:
         imp = _pick(rng, ["No acute cardiopulmonary abnormality.", "Normal CT of the chest."])
+    if clinical_status:
+        imp += f"\n{clinical_status}"
     tail = []
     if any(v == 1 for v in labels.values()) and rng.random() < 0.5:
         tail.append(f"Findings discussed with Dr. {ctx.discussed_with} by telephone on {ctx.exam_date}.")
