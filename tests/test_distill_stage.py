@@ -89,8 +89,10 @@ def test_outcomes_import_by_accession_or_uid_keeps_no_identifier(site, prognosis
             w.writerow([r["accession_number"] if i % 2 else "", "" if i % 2 else r["study_instance_uid"],
                         "oops" if i == 3 else r["adverse_event_12m"]])
         w.writerow(["NOPE123", "", "1"])
+        w.writerow([rows[0]["accession_number"], "", "1"])  # the same study again: the first row stands
     result = import_outcomes(site, extract)
     assert result.matched == len(rows) and result.unmatched == 1 and result.invalid_values == {"adverse_event_12m": 1}
+    assert result.duplicate_rows == 1
     text = (site.labels / "outcomes.csv").read_text()
     assert not [r for r in rows if r["accession_number"] in text or r["study_instance_uid"] in text]
     targets, values = read_outcomes(site)

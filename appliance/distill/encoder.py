@@ -83,35 +83,6 @@ def distillation_loss(student_latent: torch.Tensor, teacher_latent: torch.Tensor
 # --- data ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CachedSeries:
-    series_key: str
-    patient_key: str
-    npy: Path
-
-
-def cached_series(ws: Workspace) -> tuple[list[CachedSeries], dict]:
-    """Every readable cached series (labels and reports not needed), and the count left out by reason."""
-    from appliance.catalog import Catalog
-    from appliance.train.data import _readable_volume
-
-    with Catalog(ws.catalog_path) as catalog:
-        rows = catalog.db.execute(
-            "SELECT s.key AS series_key, s.study_key, studies.patient_key, st.output FROM stage_status st "
-            "JOIN series s ON s.key = st.key JOIN studies ON studies.key = s.study_key "
-            "WHERE st.kind = 'series' AND st.stage = 'preprocess' AND st.status = 'done' ORDER BY s.study_key, s.key"
-        ).fetchall()
-    out, skipped = [], {}
-    for r in rows:
-        npy = ws.root / r["output"]
-        why = "cache file missing" if not npy.is_file() else None if _readable_volume(npy) else "cache file unreadable"
-        if why:
-            skipped[why] = skipped.get(why, 0) + 1
-        else:
-            out.append(CachedSeries(r["series_key"], r["patient_key"] or r["study_key"], npy))
-    return out, skipped
-
-
 class VolumeDataset(Dataset):
     """Volumes only, cropped as in training (random crop drawn from (seed, epoch, item)) or centred.
     Keys are item indices or EpochSampler keys, as for VolumeReportDataset."""
@@ -244,12 +215,6 @@ def new_run_dir(ws: Workspace, kind: str) -> Path:
     return run_dir
 
 
-def _write_json(path: Path, obj) -> None:
-    from appliance.fsutil import atomic_write
-
-    atomic_write(path, json.dumps(obj, indent=1, default=str))
-
-
 @torch.no_grad()
 def _encode(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int, autocast) -> tuple[torch.Tensor,
                                                                                                        torch.Tensor]:
@@ -277,12 +242,12 @@ def distill_encoder(ws: Workspace, teacher_run: Path, *, epochs: int = 5, lr: fl
                     progress: Progress | None = None, device: str | None = None) -> EncoderDistillResult:
     """Distil the finished training run `teacher_run` (variant standard) into a GreenRFM-L image encoder;
     the student's run lands in runs/distill/<stamp>-lite/."""
-    from appliance.evaluate.stage import load_trained_model
+    from appliance.evaluate.stage import inference_device, load_trained_model
     from appliance.tracking import open_run
     from appliance.tracking.energy import EnergyMeter
     from appliance.train.checkpoint import load_checkpoint, save_checkpoint
-    from appliance.train.data import EpochSampler, collect_training_data
-    from appliance.train.trainer import PhaseSummary, TrainResult, _scheduler
+    from appliance.train.data import EpochSampler, cached_series, collect_training_data
+    from appliance.train.trainer import PhaseSummary, TrainResult, _scheduler, _write_json
 
     t0 = time.perf_counter()
     site = ws.config()
@@ -290,7 +255,7 @@ def distill_encoder(ws: Workspace, teacher_run: Path, *, epochs: int = 5, lr: fl
     teacher_run = Path(teacher_run)
     if not (teacher_run / "result.json").is_file() or not (teacher_run / "split.json").is_file():
         raise ApplianceError(f"{teacher_run.name} is not a finished training run (no result.json or split.json)")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() and site.compute.device != "cpu" else "cpu"))
+    device = torch.device(device or inference_device(site))
     teacher_loaded = load_trained_model(teacher_run, str(device))
     if teacher_loaded.spec["variant"] == "lite":
         raise ApplianceError(f"run {teacher_run.name} is already GreenRFM-L (lite): distil a standard run instead")

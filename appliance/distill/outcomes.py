@@ -3,7 +3,8 @@
 
 The extract is identifiable (accession numbers, UIDs): it is read where the operator keeps it and
 only the opaque keys and target values are written into the workspace. Rows that match no
-ingested study, and values that are empty or not integers, are counted, never listed.
+ingested study, rows repeating a study already read (the first is kept), and values that are
+empty or not integers, are counted, never listed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class OutcomeImport:
     rows: int
     matched: int
     unmatched: int
+    duplicate_rows: int = 0
     invalid_values: dict[str, int] = field(default_factory=dict)
     classes: dict[str, dict[str, int]] = field(default_factory=dict)  # target -> {class value: studies}
 
@@ -58,7 +60,7 @@ def import_outcomes(ws: Workspace, path: Path, targets: list[str] | None = None)
         by_accession = {r["accession_key"]: r["key"] for r in catalog.db.execute(
             "SELECT key, accession_key FROM studies WHERE accession_key IS NOT NULL")}
     out: dict[str, dict[str, str]] = {}
-    unmatched = 0
+    unmatched = duplicates = 0
     invalid = {t: 0 for t in targets}
     for row in rows:
         key = None
@@ -70,6 +72,9 @@ def import_outcomes(ws: Workspace, path: Path, targets: list[str] | None = None)
             key = by_accession.get(ws.opaque_key("accession", accession))
         if key is None:
             unmatched += 1
+            continue
+        if key in out:
+            duplicates += 1
             continue
         values = {}
         for t in targets:
@@ -94,7 +99,8 @@ def import_outcomes(ws: Workspace, path: Path, targets: list[str] | None = None)
         for t, v in values.items():
             if v != "":
                 classes[t][v] = classes[t].get(v, 0) + 1
-    return OutcomeImport(targets, len(rows), len(out), unmatched, {k: v for k, v in invalid.items() if v}, classes)
+    return OutcomeImport(targets, len(rows), len(out), unmatched, duplicates, {k: v for k, v in invalid.items() if v},
+                         classes)
 
 
 def read_outcomes(ws: Workspace) -> tuple[list[str], dict[str, dict[str, int]]]:

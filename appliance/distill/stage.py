@@ -58,7 +58,7 @@ def distill_workspace(ws: Workspace, run_dir: Path | None = None, *, outcomes: P
     distillation when it applies. `outcomes`/`targets`/`seeds`/`encoder` override site.yaml."""
     from appliance.distill.encoder import new_run_dir
     from appliance.distill.outcomes import import_outcomes, read_outcomes
-    from appliance.evaluate.stage import load_trained_model
+    from appliance.evaluate.stage import inference_device, load_trained_model
     from appliance.train import latest_run
 
     t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def distill_workspace(ws: Workspace, run_dir: Path | None = None, *, outcomes: P
     teacher_run = Path(run_dir) if run_dir else latest_run(ws, finished=True)
     if teacher_run is None or not (teacher_run / "result.json").is_file():
         raise ApplianceError("no finished training run in runs/train: run `rfm train` first")
-    device = device or ("cuda" if torch.cuda.is_available() and site.compute.device != "cpu" else "cpu")
+    device = device or inference_device(site)
 
     imported = None
     source = outcomes or (ws.root / cfg.outcomes if cfg.outcomes else None)
@@ -215,7 +215,8 @@ def report_markdown(result: dict) -> str:
     imported = result.get("outcomes")
     if imported:
         lines += [f"Outcomes imported: {imported['matched']} of {imported['rows']} rows matched an ingested study "
-                  f"({imported['unmatched']} unmatched); targets {', '.join(imported['targets'])}.", ""]
+                  f"({imported['unmatched']} unmatched, {imported['duplicate_rows']} repeating a study); targets "
+                  f"{', '.join(imported['targets'])}.", ""]
     if result.get("skipped"):
         lines += [f"Task heads: skipped ({result['skipped']}).", ""]
     for target, r in result["targets"].items():

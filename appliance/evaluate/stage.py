@@ -36,6 +36,11 @@ class LoadedModel:
     impression_first: bool
 
 
+def inference_device(site) -> str:
+    """Where a finished model is run: the GPU when there is one, unless site.yaml pins the CPU."""
+    return "cuda" if torch.cuda.is_available() and site.compute.device != "cpu" else "cpu"
+
+
 def load_trained_model(run_dir: Path, device: str = "cpu") -> LoadedModel:
     """The final model of a training run (model.pt + its tokenizer), in eval mode."""
     from appliance.models import ModelSpec, build_greenrfm, load_tokenizer
@@ -100,7 +105,7 @@ def evaluate_run(ws: Workspace, run_dir: Path | None = None, *, progress: Progre
     run_dir = Path(run_dir) if run_dir else latest_run(ws, finished=True)
     if run_dir is None:
         raise ApplianceError("no finished training run in runs/train: run `rfm train` first")
-    device = device or ("cuda" if torch.cuda.is_available() and site.compute.device != "cpu" else "cpu")
+    device = device or inference_device(site)
     loaded = load_trained_model(run_dir, device)
     split = json.loads((run_dir / "split.json").read_text())
     findings = loaded.findings

@@ -73,12 +73,7 @@ def collect_training_data(ws: Workspace, *, impression_first_order: bool = True,
     items = []
     with Catalog(ws.catalog_path) as catalog:
         reports = dict(deidentified_reports(ws, catalog))
-        patients = {r["key"]: r["patient_key"] or r["key"]
-                    for r in catalog.db.execute("SELECT key, patient_key FROM studies")}
-        cached = catalog.db.execute(
-            "SELECT s.key AS series_key, s.study_key, st.output FROM stage_status st JOIN series s ON s.key = st.key "
-            "WHERE st.kind = 'series' AND st.stage = 'preprocess' AND st.status = 'done' ORDER BY s.study_key, s.key"
-        ).fetchall()
+        cached = _cached_rows(catalog)
     for row in cached:
         study = row["study_key"]
         npy = ws.root / row["output"]
@@ -86,17 +81,52 @@ def collect_training_data(ws: Workspace, *, impression_first_order: bool = True,
             skipped["no report"] += 1
         elif study not in labels:
             skipped["no labels"] += 1
-        elif not npy.is_file():
-            skipped["cache file missing"] += 1
-        elif not _readable_volume(npy):
-            skipped["cache file unreadable"] += 1
+        elif problem := _cache_problem(npy):
+            skipped[problem] += 1
         else:
             text = training_text(reports[study], impression_first_order)
-            items.append(TrainingItem(row["series_key"], study, patients.get(study, study), npy, labels[study], text))
+            items.append(TrainingItem(row["series_key"], study, row["patient_key"] or study, npy, labels[study], text))
     if not items:
         raise ApplianceError("no cached series with a report and labels: run ingest, deid, preprocess and labels first")
     return TrainingData(findings, tuple(items), tuple(f for f in all_findings if f not in usable),
                         {k: v for k, v in skipped.items() if v})
+
+
+@dataclass(frozen=True)
+class CachedSeries:
+    series_key: str
+    patient_key: str
+    npy: Path
+
+
+def cached_series(ws: Workspace) -> tuple[list[CachedSeries], dict]:
+    """Every readable cached series, labels and reports not needed (what encoder distillation
+    learns from), and the count left out by reason."""
+    with Catalog(ws.catalog_path) as catalog:
+        rows = _cached_rows(catalog)
+    out, skipped = [], {}
+    for r in rows:
+        npy = ws.root / r["output"]
+        if problem := _cache_problem(npy):
+            skipped[problem] = skipped.get(problem, 0) + 1
+        else:
+            out.append(CachedSeries(r["series_key"], r["patient_key"] or r["study_key"], npy))
+    return out, skipped
+
+
+def _cached_rows(catalog: Catalog) -> list:
+    """series_key, study_key, patient_key and cache path of every series preprocessing finished."""
+    return catalog.db.execute(
+        "SELECT s.key AS series_key, s.study_key, studies.patient_key, st.output FROM stage_status st "
+        "JOIN series s ON s.key = st.key LEFT JOIN studies ON studies.key = s.study_key "
+        "WHERE st.kind = 'series' AND st.stage = 'preprocess' AND st.status = 'done' ORDER BY s.study_key, s.key"
+    ).fetchall()
+
+
+def _cache_problem(npy: Path) -> str | None:
+    if not npy.is_file():
+        return "cache file missing"
+    return None if _readable_volume(npy) else "cache file unreadable"
 
 
 def _readable_volume(npy: Path) -> bool:
