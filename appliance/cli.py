@@ -825,6 +825,47 @@ def bench_train_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")]
     console.print(f"written to {out}")
 
 
+@bench_app.command("distill")
+def bench_distill_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-distill.json"),
+                      batch: Annotated[int, typer.Option(min=1, help="Encoder distillation batch.")] = 8,
+                      steps: Annotated[int, typer.Option(min=1, help="Timed distillation steps.")] = 3,
+                      head_epochs: Annotated[int, typer.Option(min=1, help="Epochs per task head.")] = 20,
+                      recipe_crop: Annotated[bool, typer.Option("--recipe-crop", help="192x192x96 instead of the demo crop.")] = False,
+                      device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto") -> None:
+    """Task-head samples/s and the cost of report distillation; full -> Lite step samples/s and the Lite speed-up."""
+    from appliance.bench import DEMO_CROP, RECIPE_CROP
+    from appliance.distill.bench import bench_distill
+
+    crop = RECIPE_CROP if recipe_crop else DEMO_CROP
+    with console.status("benchmarking distill ..."):
+        result = bench_distill(crop=crop, batch=batch, steps=steps, head_epochs=head_epochs, device=device)
+    heads = result["heads"]
+    t = Table(title=f"rfm bench distill: task heads ({heads['shape']['n_train']} studies, {head_epochs} epochs)")
+    for col in ("head", "parameters", "seconds", "train samples/s"):
+        t.add_column(col)
+    for kind, r in heads["heads"].items():
+        t.add_row(kind, f"{r['parameters']:,}", f"{r['seconds']:.2f}", f"{r['train_samples_per_s']:.0f}")
+    console.print(t)
+    console.print(f"report-distilled student (teacher + student) costs {heads['report_distilled_vs_image_only_cost']:.1f}x "
+                  f"the image-only head; peak RSS {heads['peak_rss_mb']:.0f} MB")
+    enc = result["encoder"]
+    step = enc["distillation_step"]
+    t = Table(title=f"full -> Lite encoder at {'x'.join(map(str, enc['crop']))} on {enc['device']} ({enc['precision']})")
+    for col in ("batch", "GreenRFM volumes/s", "GreenRFM-L volumes/s", "Lite speed-up"):
+        t.add_column(col)
+    for b, ratio in enc["student_speedup"].items():
+        t.add_row(b, f"{enc['inference']['teacher'][b]['volumes_per_s']:.2f}",
+                  f"{enc['inference']['student'][b]['volumes_per_s']:.2f}", f"{ratio:.2f}x")
+    console.print(t)
+    gpu = f", peak GPU {step['peak_gpu_mem_gb']:.2f} GB" if step["peak_gpu_mem_gb"] is not None else ""
+    console.print(f"distillation step: {step['samples_per_s']:.2f} samples/s at batch {step['batch']}{gpu}; "
+                  f"GMACs ratio {enc['gmacs_ratio']:.2f}; peak RSS {enc['peak_rss_mb']:.0f} MB")
+    for note in result["notes"]:
+        console.print(f"- {note}")
+    out.write_text(json.dumps(result, indent=2))
+    console.print(f"written to {out}")
+
+
 @bench_app.command("export")
 def bench_export_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")] = Path("bench-export.json"),
                      quick: Annotated[bool, typer.Option("--quick", help="Demo crop (56x56x36), GreenRFM-L, batch 1,2 (an explicit --variant or --batch-sizes wins).")] = False,

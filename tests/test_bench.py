@@ -77,3 +77,23 @@ def test_bench_train_on_cpu_reports_every_figure():
         assert r["oom_backoffs"] == 0 and r["final_micro_batch"] == 2
         assert r["text_encoder"] == "tiny"
         assert r["inference"]["batch"] == r["plan"]["micro_batch"] and r["inference"]["samples"] >= 1
+
+
+def test_bench_distill_on_cpu_reports_every_figure():
+    """Tiny tokens and crop, one step: heads and the full -> Lite encoder each measured, positive, JSON-able."""
+    from appliance.distill.bench import HEAD_KINDS, bench_distill
+
+    shape = {"n_train": 40, "n_val": 10, "image_tokens": 4, "image_dim": 32, "text_tokens": 12, "text_dim": 16}
+    result = bench_distill(crop=(32, 32, 16), batch=2, steps=1, warmup=0, head_epochs=2, shape=shape, device="cpu")
+    json.loads(json.dumps(result))
+    heads = result["heads"]
+    assert heads["shape"] == shape and set(heads["heads"]) == set(HEAD_KINDS)
+    for r in heads["heads"].values():
+        assert r["epochs"] == 2 and r["seconds"] > 0 and r["train_samples_per_s"] > 0 and r["parameters"] > 0
+    assert heads["heads"]["teacher_text"]["parameters"] > heads["heads"]["attention_head"]["parameters"]
+    assert heads["report_distilled_vs_image_only_cost"] > 1 and heads["peak_rss_mb"] > 0
+    enc = result["encoder"]
+    assert enc["device"] == "cpu" and enc["precision"] == "fp32" and enc["crop"] == [32, 32, 16]
+    assert enc["distillation_step"]["samples_per_s"] > 0 and enc["distillation_step"]["peak_gpu_mem_gb"] is None
+    assert set(enc["student_speedup"]) == {"1", "2"} and all(v > 0 for v in enc["student_speedup"].values())
+    assert enc["gmacs_ratio"] < 0.25 and enc["peak_rss_mb"] > 0

@@ -80,6 +80,23 @@ def distillation_loss(student_latent: torch.Tensor, teacher_latent: torch.Tensor
     return {"loss": loss, "feature_nmse": feature, "cosine_distance": cosine, "logit_kl": kl}
 
 
+def distillation_step(teacher: nn.Module, student: nn.Module, volume: torch.Tensor, optimizer, params, *,
+                      amp=nullcontext, grad_clip: float = 1.0, **loss_kwargs) -> dict[str, torch.Tensor]:
+    """One optimiser step of the student towards the (frozen) teacher on a batch of volumes."""
+    with torch.no_grad(), amp():
+        t_latent = teacher.encode_image(volume)
+        t_logits = teacher.image_logits(t_latent)
+    with amp():
+        s_latent = student.encode_image(volume)
+        s_logits = student.image_logits(s_latent)
+    losses = distillation_loss(s_latent, t_latent, s_logits, t_logits, **loss_kwargs)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return losses
+
+
 # --- data ------------------------------------------------------------------------------------------
 
 
@@ -354,19 +371,10 @@ def distill_encoder(ws: Workspace, teacher_run: Path, *, epochs: int = 5, lr: fl
                     n_steps, started = 0, time.perf_counter()
                     for batch in loader:
                         volume = batch["volume"].to(device, non_blocking=True)
-                        with torch.no_grad(), amp():
-                            t_lat = teacher.encode_image(volume)
-                            t_log = teacher.image_logits(t_lat)
-                        with amp():
-                            s_lat = student.encode_image(volume)
-                            s_log = student.image_logits(s_lat)
-                        losses = distillation_loss(s_lat, t_lat, s_log, t_log, feature_weight=feature_weight,
+                        losses = distillation_step(teacher, student, volume, optimizer, params, amp=amp,
+                                                   grad_clip=grad_clip, feature_weight=feature_weight,
                                                    logit_weight=logit_weight, cosine_weight=cosine_weight,
                                                    temperature=temperature)
-                        optimizer.zero_grad(set_to_none=True)
-                        losses["loss"].backward()
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                        optimizer.step()
                         scheduler.step()
                         step += 1
                         n_steps += 1
