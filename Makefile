@@ -19,15 +19,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/rfm demo
 
-# The federation tests (real SuperLink/SuperNode processes) spend most of their time waiting on
-# Flower's polling and heartbeats, so they run beside the rest of the suite, with the export tests
-# to fill that waiting; their report follows. Their temporary folders (several GB of site
-# workspaces) are removed afterwards.
-FED_TESTS := tests/test_fed_deploy.py tests/test_export.py
+# The tests that mostly wait (Flower SuperLink/SuperNode polling and heartbeats, a Prefect server
+# starting, a DICOM receiver's quiet period, pip installing from a wheelhouse) run beside the rest
+# of the suite, with the export tests to fill that waiting; their report follows. Their temporary
+# folders (several GB of site workspaces) are removed afterwards. --durations shows where CI time goes.
+FED_TESTS := tests/test_fed_deploy.py tests/test_export.py tests/test_receive.py tests/test_scheduled.py \
+             tests/test_airgap.py
 test: install
 	@fedlog=$$(mktemp); fedtmp=$$(mktemp -d -u /tmp/rfm-fed-tests-XXXXXX); \
-	$(BIN)/python -m pytest $(FED_TESTS) --basetemp=$$fedtmp -p no:cacheprovider > $$fedlog 2>&1 & fed=$$!; \
-	$(BIN)/python -m pytest $(addprefix --ignore=,$(FED_TESTS)); rest=$$?; \
+	$(BIN)/python -m pytest $(FED_TESTS) --basetemp=$$fedtmp -p no:cacheprovider --durations=15 > $$fedlog 2>&1 & fed=$$!; \
+	$(BIN)/python -m pytest $(addprefix --ignore=,$(FED_TESTS)) --durations=30; rest=$$?; \
 	wait $$fed; fedrc=$$?; echo "---- $(FED_TESTS) (run alongside) ----"; cat $$fedlog; rm -rf $$fedlog $$fedtmp; \
 	test $$rest -eq 0 -a $$fedrc -eq 0
 

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from appliance.errors import ApplianceError
 
+SCHEMA_VERSION = 2  # bump with a new entry in MIGRATIONS
+
+# The version-1 tables. Executed (idempotently) on every open as well, so a table added here with
+# CREATE ... IF NOT EXISTS needs no migration; changing an existing table does (see MIGRATIONS).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS studies (
@@ -123,8 +127,132 @@ class QuarantineRow:
     created_at: str
 
 
+class CatalogError(ApplianceError):
+    """The catalog cannot be opened with this version of the appliance."""
+
+
+# --- schema versions and migrations ----------------------------------------------------------------
+# Version 0: a catalog without a schema_version row (or without the meta table).
+# Version 1: SCHEMA above.
+# Version 2: raw_removed, what the retention policy (or a restore without raw/) took out of raw/ and
+# quarantine/, so that later stages know those copies are gone on purpose.
+def _migrate_to_1(db: sqlite3.Connection) -> None:
+    for statement in _statements(SCHEMA):
+        db.execute(statement)
+
+
+def _migrate_to_2(db: sqlite3.Connection) -> None:
+    db.execute("""
+        CREATE TABLE IF NOT EXISTS raw_removed (
+            kind TEXT NOT NULL CHECK (kind IN ('series', 'study', 'quarantine')),
+            key TEXT NOT NULL,
+            n_files INTEGER NOT NULL,
+            nbytes INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            removed_at TEXT NOT NULL,
+            PRIMARY KEY (kind, key)
+        )""")
+
+
+# (version reached, function): applied in order, each at most once, all in one transaction.
+MIGRATIONS: list[tuple[int, Callable[[sqlite3.Connection], None]]] = [(1, _migrate_to_1), (2, _migrate_to_2)]
+
+
+@dataclass(frozen=True)
+class Migration:
+    from_version: int
+    to_version: int
+    backup: Path | None  # copy of the catalog taken before migrating (None: nothing was migrated)
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def read_schema_version(db: sqlite3.Connection) -> int:
+    """The catalog's schema version; 0 for a catalog from before versions were recorded."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        return 0
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None:
+        return 0
+    try:
+        return int(row[0])
+    except ValueError:
+        raise CatalogError(f"catalog schema_version {row[0]!r} is not a number: the file is damaged") from None
+
+
+def catalog_schema_version(path: Path) -> int | None:
+    """Read the version without opening for writing (nothing is migrated); None when there is no catalog."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return read_schema_version(db)
+    finally:
+        db.close()
+
+
+def migrate(db: sqlite3.Connection, path: Path) -> Migration:
+    """Bring the catalog to SCHEMA_VERSION: a copy of the file first, then every step in one transaction.
+
+    A catalog newer than this code is refused (an older appliance must not write to it). Two
+    processes opening an old catalog at once are serialised by the write lock; the second finds
+    it migrated.
+    """
+    version = read_schema_version(db)
+    _refuse_newer(version)
+    if version == SCHEMA_VERSION:
+        return Migration(version, version, None)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = read_schema_version(db)
+        _refuse_newer(version)
+        fresh = db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0] == 0
+        backup = None if fresh or version == SCHEMA_VERSION else _copy_before_migrating(path, version)
+        for target, step in MIGRATIONS:
+            if version < target:
+                step(db)
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
+                   "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+    except BaseException as exc:
+        db.execute("ROLLBACK")
+        if isinstance(exc, CatalogError) or not isinstance(exc, Exception):
+            raise
+        raise CatalogError(f"catalog migration from schema v{version} to v{SCHEMA_VERSION} failed "
+                           f"({type(exc).__name__}); the catalog is unchanged") from exc
+    db.execute("COMMIT")
+    return Migration(version, SCHEMA_VERSION, backup)
+
+
+def _refuse_newer(version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise CatalogError(f"catalog schema v{version} is newer than this appliance (v{SCHEMA_VERSION}): "
+                           "upgrade the appliance, or restore a backup made with this version")
+
+
+def _copy_before_migrating(path: Path, version: int) -> Path:
+    """catalog.sqlite.v<N>.bak, a consistent copy made with SQLite's online backup API."""
+    target = path.with_name(f"{path.name}.v{version}.bak")
+    if target.exists():
+        target = path.with_name(f"{path.name}.v{version}.{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.bak")
+    source = sqlite3.connect(path, timeout=30)  # a second connection: the caller holds the write lock
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)
+    finally:
+        copy.close()
+        source.close()
+    return target
+
+
 class Catalog:
-    """A thin, explicit wrapper over the SQLite file; one writer process at a time."""
+    """A thin, explicit wrapper over the SQLite file; one writer process at a time.
+
+    Opening it migrates an older schema (see `migrate`); `self.migration` says what was done.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -133,10 +261,12 @@ class Catalog:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        try:
+            self.migration = migrate(self.db, self.path)
+        except BaseException:
+            self.db.close()
+            raise
         self.db.executescript(SCHEMA)
-        self.db.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-        )
 
     def close(self) -> None:
         self.db.close()
@@ -196,6 +326,9 @@ class Catalog:
             "INSERT INTO instances(key, series_key, raw_path, sha256, nbytes) VALUES (?, ?, ?, ?, ?)",
             [(k, key, p, h, n) for k, p, h, n in instances],
         )
+        # raw/ holds the series (and its study's study.json) again
+        self.db.execute("DELETE FROM raw_removed WHERE (kind = 'series' AND key = ?) OR (kind = 'study' AND key = ?)",
+                        (key, study_key))
 
     def instance_sha(self, key: str) -> str | None:
         row = self.db.execute("SELECT sha256 FROM instances WHERE key = ?", (key,)).fetchone()
@@ -219,10 +352,25 @@ class Catalog:
             "n_chars=excluded.n_chars",
             (study_key, raw_path, sha256, n_chars, now()),
         )
+        self.db.execute("DELETE FROM raw_removed WHERE kind = 'study' AND key = ?", (study_key,))
 
     def report_sha(self, study_key: str) -> str | None:
         row = self.db.execute("SELECT sha256 FROM reports WHERE study_key = ?", (study_key,)).fetchone()
         return row["sha256"] if row else None
+
+    # --- raw/ copies removed by the retention policy (or not restored from a backup) -------------
+    def record_raw_removed(self, kind: str, key: str, n_files: int, nbytes: int, reason: str) -> None:
+        self.db.execute(
+            "INSERT INTO raw_removed(kind, key, n_files, nbytes, reason, removed_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(kind, key) DO UPDATE SET n_files=excluded.n_files, nbytes=excluded.nbytes, "
+            "reason=excluded.reason, removed_at=excluded.removed_at",
+            (kind, key, n_files, nbytes, reason, now()),
+        )
+
+    def raw_removed_keys(self, kind: str) -> set[str]:
+        """Keys whose identifiable copies are gone on purpose: series (raw/<study>/<series>/), study
+        (raw/<study>/ report.txt and study.json) or quarantine (quarantine/<folder>/)."""
+        return {r["key"] for r in self.db.execute("SELECT key FROM raw_removed WHERE kind = ?", (kind,))}
 
     # --- stage status ----------------------------------------------------------------------
     def set_status(

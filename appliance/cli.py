@@ -38,6 +38,25 @@ def _add_fed_commands() -> None:
 
 _add_fed_commands()
 
+
+def _add_ops_commands() -> None:
+    from appliance.ops_cli import register  # backup, backup-key, restore, retention, models
+
+    register(app)
+
+
+_add_ops_commands()
+
+
+def _add_service_commands() -> None:
+    from appliance.service_cli import receive, serve
+
+    app.command("receive")(receive)
+    app.command("serve")(serve)
+
+
+_add_service_commands()
+
 WorkspaceOpt = Annotated[Path, typer.Option("--workspace", "-w", envvar="RFM_WORKSPACE",
                                             help="Site workspace folder (or $RFM_WORKSPACE).")]
 
@@ -88,10 +107,23 @@ def init(workspace: Annotated[Path, typer.Argument(help="Folder to create (or co
 
 @app.command()
 def doctor(workspace: WorkspaceOpt = Path("."),
-           as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False) -> None:
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+           quick: Annotated[bool, typer.Option("--quick", help="Only the fast workspace checks (no GPU, no torch); "
+                                               "exit 1 if one fails: for service health checks.")] = False) -> None:
     """Check this machine: CPU, RAM, disk, GPUs (NVML) and the training profile they give."""
-    from appliance.doctor import run_checks
+    from appliance.doctor import quick_checks, run_checks
 
+    if quick:
+        checks = quick_checks(workspace)
+        if as_json:
+            console.print_json(json.dumps({"checks": checks}))
+        else:
+            for name, ok, detail in checks:
+                console.print(f"{name}: {'ok' if ok else 'problem'}: {detail}", highlight=False, markup=False,
+                              soft_wrap=True)
+        if not all(ok for _, ok, _ in checks):
+            raise typer.Exit(1)
+        return
     report = run_checks(workspace)
     if as_json:
         console.print_json(json.dumps(report, default=str))
@@ -135,15 +167,25 @@ def synth(out: Annotated[Path, typer.Argument(help="Folder to write the cohort i
                                                      "(1: realistic sizes; the demo uses more).")] = 1.0,
           prognosis: Annotated[bool, typer.Option("--prognosis", help="Add a 12-month outcome per study (image "
                                                   "findings + a clinical status only the report states) and "
-                                                  "outcomes.csv.")] = False) -> None:
-    """Write a synthetic chest-CT cohort: DICOM series, reports.jsonl and ground_truth.json."""
-    from appliance.synthetic import generate_cohort
+                                                  "outcomes.csv.")] = False,
+          cxr: Annotated[bool, typer.Option("--cxr", help="Chest radiographs (CR/DX, PA/AP/lateral, findings and "
+                                            "lines/tubes) instead of chest CT.")] = False,
+          size: Annotated[int, typer.Option(min=64, max=4096, help="With --cxr: detector matrix in pixels.")] = 256
+          ) -> None:
+    """Write a synthetic chest-CT (or, with --cxr, chest X-ray) cohort: DICOM, reports.jsonl, ground_truth.json."""
+    from types import SimpleNamespace
+
+    from appliance.synthetic import generate_cohort, generate_cxr_cohort
 
     with progress_bars() as bars:
         task = bars.add_task("synthesise", total=studies)
-        summary = generate_cohort(out, n_studies=studies, seed=seed, matrix=matrix, slices=slices,
-                                  enrich_findings=enrich, conspicuity=conspicuity, prognosis=prognosis,
-                                  progress=lambda k: bars.update(task, completed=k))
+        if cxr:
+            summary = SimpleNamespace(**generate_cxr_cohort(out, n_studies=studies, seed=seed, size=size,
+                                                            progress=lambda k: bars.update(task, completed=k)))
+        else:
+            summary = generate_cohort(out, n_studies=studies, seed=seed, matrix=matrix, slices=slices,
+                                      enrich_findings=enrich, conspicuity=conspicuity, prognosis=prognosis,
+                                      progress=lambda k: bars.update(task, completed=k))
     t = Table(title="Synthetic cohort", show_header=False)
     t.add_row("studies", str(summary.n_studies))
     t.add_row("series", str(summary.n_series))
@@ -152,7 +194,8 @@ def synth(out: Annotated[Path, typer.Argument(help="Folder to write the cohort i
     t.add_row("ground truth", str(summary.ground_truth_path))
     t.add_row("seconds", f"{summary.seconds:.1f}")
     console.print(t)
-    console.print(f"ingest it with: rfm ingest {summary.dicom_dir} -w WORKSPACE")
+    modalities = "  (set ingest.modalities: [CR, DX] in site.yaml first)" if cxr else ""
+    console.print(f"ingest it with: rfm ingest {summary.dicom_dir} -w WORKSPACE{modalities}")
 
 
 @app.command()
@@ -543,6 +586,105 @@ def print_distill_summary(r: dict) -> None:
     console.print(f"report: {r['run_dir']}/report.md ({r['seconds']:.0f} s)")
 
 
+@app.command("pretrain")
+def pretrain_cmd(workspace: WorkspaceOpt = Path("."),
+                 objective: Annotated[Optional[str], typer.Option(help="clip, unicl or dino (default: pretrain.objective).")] = None,
+                 weights: Annotated[Optional[Path], typer.Option(help="Open weights to start from (default: pretrain.encoder.weights_dir).")] = None,
+                 max_images: Annotated[Optional[int], typer.Option(min=2, help="Use only this many training images (scaling curves).")] = None,
+                 epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default: pretrain.epochs).")] = None,
+                 resume: Annotated[bool, typer.Option("--resume", help="Continue the newest unfinished run.")] = False) -> None:
+    """Keep training an open-weight 2D encoder (RAD-DINO, a timm ViT/ConvNeXt/ResNet) on the site's radiographs."""
+    from appliance.workspace import open_workspace
+
+    if objective is not None and objective not in ("clip", "unicl", "dino"):
+        raise ApplianceError(f"--objective {objective}: use clip, unicl or dino")
+    _pretrain(open_workspace(workspace), objective=objective, weights=weights.resolve() if weights else None,
+              max_images=max_images, epochs=epochs,
+              resume=resume)
+
+
+def _pretrain(ws, **kwargs) -> dict:
+    from appliance.train.pretrain import pretrain_workspace
+
+    resume = kwargs.pop("resume", False)
+    weights = kwargs.pop("weights", None)
+    with progress_bars() as bars:
+        result = pretrain_workspace(ws, resume=resume, progress=RichProgress(bars), weights_dir=weights,
+                                    **kwargs).to_dict()
+    print_pretrain_summary(result)
+    return result
+
+
+def print_pretrain_summary(r: dict) -> None:
+    plan, enc = r["plan"], r["encoder"]
+    t = Table(title=f"Pre-train ({r['objective']})", show_header=False)
+    t.add_row("encoder", f"{enc['family']} {enc['name']} at {enc['image_size']} px, from "
+              + (enc["weights_dir"] or "random initialisation"))
+    t.add_row("images", f"{r['n_images']['train']} train (pre-training), {r['n_images']['val']} val, "
+              f"{r['n_images']['test']} test (held out for rfm probe)")
+    t.add_row("steps", f"{r['steps']} over {r['epochs']} epochs, {r['samples_per_s']:.2f} images/s")
+    t.add_row("plan", f"{plan['name']}: micro-batch {plan['micro_batch']} x {plan['grad_accumulation']} accumulation, "
+              f"{plan['precision']} on {plan['device']}" + (", activation checkpointing" if plan["activation_checkpointing"] else "")
+              + (f"; {r['oom_backoffs']} out-of-memory back-offs" if r["oom_backoffs"] else ""))
+    t.add_row("last losses", ", ".join(f"{k} {v:.3f}" for k, v in r["last_losses"].items()))
+    if r["val"]:
+        t.add_row("validation", ", ".join(f"{k} {v:.3f}" for k, v in r["val"].items()))
+    kwh = r["energy"].get("total_kwh")
+    t.add_row("energy", f"{kwh:.4f} kWh ({r['energy']['co2e_g']:.1f} g CO2e)" if kwh is not None
+              else f"not measured ({r['energy']['gpu_method']})")
+    console.print(t)
+    if r.get("skipped"):
+        console.print("[yellow]![/yellow] images left out: " + ", ".join(f"{k}: {v}" for k, v in r["skipped"].items()))
+    console.print(f"encoder: {r['encoder_dir']}" + (f"  (MLflow run {r['mlflow_run_id']})" if r["mlflow_run_id"] else ""))
+
+
+@app.command("probe")
+def probe_cmd(encoders: Annotated[Optional[list[str]], typer.Argument(help="`start` (the open weights), pre-training run folders or weights folders; the first is the baseline. Default: start and the newest pre-training run.")] = None,
+              workspace: WorkspaceOpt = Path("."),
+              seeds: Annotated[Optional[int], typer.Option(min=1, help="Probe seeds per encoder (default: probe.seeds).")] = None,
+              bootstrap: Annotated[Optional[int], typer.Option(min=0, help="Bootstrap resamples (default: probe.bootstrap).")] = None) -> None:
+    """Frozen-encoder probe of 2D encoders: AUPRC/AUROC per finding and line/tube, paired bootstrap test, subgroups."""
+    from appliance.evaluate.probe2d import probe_workspace
+    from appliance.workspace import open_workspace
+
+    with progress_bars() as bars:
+        result = probe_workspace(open_workspace(workspace), encoders or (), seeds=seeds, bootstrap=bootstrap,
+                                 progress=RichProgress(bars))
+    print_probe_summary(result)
+
+
+def print_probe_summary(r: dict) -> None:
+    def ci(entry: dict, metric: str) -> str:
+        value, interval = entry.get(metric), entry.get(f"{metric}_ci95")
+        if value is None:
+            return "-"
+        return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+    groups = list(r["groups"])
+    t = Table(title=f"Frozen-encoder probe ({r['n_images']['test']} test images, {len(r['seeds'])} seeds)")
+    t.add_column("encoder")
+    for g in groups:
+        t.add_column(f"{g.replace('_', '/')} AUPRC")
+        t.add_column(f"{g.replace('_', '/')} AUROC")
+    for name, e in r["encoders"].items():
+        macro = e["metrics"]["macro"]
+        t.add_row(name, *[ci(macro[g], m) for g in groups for m in ("auprc", "auroc")])
+    console.print(t)
+    for c in r["comparisons"]:
+        for g in groups:
+            d = c["macro"].get(g, {}).get("auprc")
+            if isinstance(d, dict) and d.get("ci95"):
+                console.print(f"{c['b']} - {c['a']}, {g.replace('_', '/')} AUPRC: {d['diff']:+.3f} "
+                              f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], p = {d['p_value']:.3f} "
+                              f"(paired hierarchical bootstrap, {c['n_resamples']} resamples)")
+    for name, s in (r.get("scaling") or {}).items():
+        fit = s.get("fit")
+        if fit:
+            console.print(f"scaling {name}: AUPRC = {fit['a']:.3g} x n^{fit['k']:.3f} (R2 {fit['r2']:.2f}, "
+                          f"{fit['n_points']} runs)")
+    console.print(f"report: {r['report_md']}")
+
+
 @app.command("export")
 def export_cmd(workspace: WorkspaceOpt = Path("."),
                run: Annotated[Optional[Path], typer.Option(help="Run folder (default: newest finished run).")] = None,
@@ -778,8 +920,10 @@ def bench_train_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")]
                     quick: Annotated[bool, typer.Option("--quick", help="Only the demo crop (56x56x36), not 192x192x96.")] = False,
                     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
                     emulate_gb: Annotated[Optional[float], typer.Option(min=1.0, help="Plan for a GPU of this many GB and cap torch's allocator to it.")] = None,
-                    text: Annotated[str, typer.Option(help="Text encoder: auto (bert-base on GPU, tiny on CPU), tiny or bert-base.")] = "auto") -> None:
-    """Training samples/s per stage, inference samples/s, peak GPU memory and RSS, and loader samples/s, per variant and crop."""
+                    text: Annotated[str, typer.Option(help="Text encoder: auto (bert-base on GPU, tiny on CPU), tiny or bert-base.")] = "auto",
+                    radiograph: Annotated[bool, typer.Option("--radiograph/--no-radiograph", help="Also the 2D encoders (rfm pretrain): images/s per objective and the ViT-B/14 plans.")] = True) -> None:
+    """Training samples/s per stage, inference samples/s, peak GPU memory and RSS, and loader samples/s, per variant
+    and crop; then the 2D encoders' pre-training images/s per objective and the plan for ViT-B/14 at 518 px."""
     from appliance.bench import DEMO_CROP, RECIPE_CROP, bench_train
 
     if device not in ("auto", "cpu", "cuda"):
@@ -821,8 +965,38 @@ def bench_train_cmd(out: Annotated[Path, typer.Option(help="JSON output file.")]
         if lite and standard:
             console.print(f"- inference speed-up GreenRFM-L / GreenRFM at {'x'.join(map(str, crop))}: "
                           f"{lite / standard:.2f}x ({lite:.2f} vs {standard:.2f} samples/s)")
+    if radiograph:
+        from appliance.train.pretrain_bench import bench_pretrain
+
+        with console.status("benchmarking 2D pre-training (one process per objective) ..."):
+            result["radiograph"] = bench_pretrain(steps=steps, warmup=warmup, device=device, emulate_gb=emulate_gb)
+        print_pretrain_bench(result["radiograph"])
     out.write_text(json.dumps(result, indent=2))
     console.print(f"written to {out}")
+
+
+def print_pretrain_bench(r: dict) -> None:
+    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)
+    first = r["rows"][0]
+    t = Table(title=f"2D encoders: {first['encoder']} at {first['image_size']} px ({first['gpu'] or 'CPU'})")
+    for col in ("objective", "params (M)", "micro-batch", "precision", "checkpointing", "train images/s",
+                "inference images/s", "peak GPU GB", "peak RSS MB"):
+        t.add_column(col)
+    for row in r["rows"]:
+        plan = row["plan"]
+        t.add_row(row["objective"], f"{row['parameters_m']:.1f}", str(plan["micro_batch"]), plan["precision"],
+                  "on" if plan["activation_checkpointing"] else "off", fmt(row["train_images_per_s"]),
+                  fmt(row["inference_images_per_s"]), fmt(row["peak_gpu_mem_gb"]), f"{row['peak_rss_mb']:.0f}")
+    console.print(t)
+    t = Table(title="plan for ViT-B/14 at 518 px (RAD-DINO), effective batch 64")
+    for col in ("objective", "card", "micro-batch x accumulation", "checkpointing", "precision"):
+        t.add_column(col)
+    for p in r["plans"]:
+        t.add_row(p["objective"], f"{p['card_gb']} GB", f"{p['micro_batch']} x {p['grad_accumulation']}",
+                  "on" if p["activation_checkpointing"] else "off", p["precision"])
+    console.print(t)
+    for note in r["notes"]:
+        console.print(f"- {note}")
 
 
 @bench_app.command("distill")

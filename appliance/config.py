@@ -41,6 +41,7 @@ class PreprocessSection(_Section):
     canvas: tuple[int, int, int] = (240, 240, 120)
     hu_clip: tuple[float, float] = (-1000.0, 200.0)
     antialias: bool = True
+    radiograph_size: int = Field(default=518, ge=16, le=4096)
     workers: int = Field(default=0, ge=0)
 
     @field_validator("spacing_mm")
@@ -200,6 +201,70 @@ class DistillSection(_Section):
     encoder_lr: float = Field(default=1e-3, gt=0)
 
 
+class PretrainEncoderSection(_Section):
+    """The 2D encoder to keep training: `dinov2` (a transformers folder, e.g. RAD-DINO), any timm
+    model name (ViT, ConvNeXt, ResNet) with weights from a local file, or the `tiny` test ViT."""
+    family: Literal["dinov2", "timm", "tiny"] = "tiny"
+    name: str = "vit_tiny"
+    weights_dir: Path | None = None
+    image_size: int | None = Field(default=None, ge=16)  # None: preprocess.radiograph_size
+
+
+class DinoSection(_Section):
+    """DINOv2-style self-distillation (RECIPES.md section 3)."""
+    local_crops: int = Field(default=6, ge=0, le=16)
+    local_size_fraction: float = Field(default=0.43, gt=0.1, le=1)  # 224 -> 96 px in DINOv2
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    out_dim: int = Field(default=4096, ge=8)
+    head_hidden: int = Field(default=2048, ge=8)
+    head_bottleneck: int = Field(default=256, ge=8)
+    student_temp: float = Field(default=0.1, gt=0)
+    teacher_temp: float = Field(default=0.04, gt=0)
+    momentum: float = Field(default=0.996, ge=0, lt=1)
+    center_momentum: float = Field(default=0.9, ge=0, lt=1)
+    mask_probability: float = Field(default=0.5, ge=0, le=1)
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    ibot_weight: float = Field(default=1.0, ge=0)
+    koleo_weight: float = Field(default=0.1, ge=0)
+
+
+class PretrainSection(_Section):
+    """Continual pre-training of an open-weight 2D encoder on the site's radiographs (`rfm pretrain`)."""
+    objective: Literal["clip", "unicl", "dino"] = "unicl"
+    encoder: PretrainEncoderSection = PretrainEncoderSection()
+    text_model_dir: Path | None = None   # a BERT folder (e.g. CXR-BERT); None: tiny BERT + site tokenizer
+    text_max_tokens: int = Field(default=128, ge=8, le=512)
+    embed_dim: int = Field(default=512, ge=8)
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=2)  # effective batch (contrastive negatives)
+    lr: float = Field(default=5e-5, gt=0)
+    text_lr: float = Field(default=2e-5, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    min_lr: float = Field(default=1e-6, ge=0)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    grad_clip: float = Field(default=3.0, gt=0)
+    temperature: float = Field(default=0.07, gt=0)  # initial; learnt, as in CLIP
+    max_images: int | None = Field(default=None, ge=2)  # use only this many training images (scaling curves)
+    seed: int = 0
+    val_fraction: float = Field(default=0.1, ge=0, lt=1)
+    test_fraction: float = Field(default=0.2, ge=0, lt=1)
+    checkpoint_every: int = Field(default=50, ge=1)
+    dino: DinoSection = DinoSection()
+    plan: PlanOverrides = PlanOverrides()
+
+
+class ProbeSection(_Section):
+    """Frozen-encoder evaluation (`rfm probe`)."""
+    layers: tuple[int, ...] = (-4, -3, -2, -1)
+    seeds: int = Field(default=3, ge=1, le=20)
+    bootstrap: int = Field(default=500, ge=0)
+    lr: float = Field(default=1e-3, gt=0)
+    max_epochs: int = Field(default=100, ge=1)
+    patience: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+
+
 class ExportSection(_Section):
     exporter: Literal["auto", "dynamo", "torchscript"] = "auto"
     parity_series: int = Field(default=32, ge=1)
@@ -232,6 +297,90 @@ class TrackingSection(_Section):
 class WorkflowSection(_Section):
     task_retries: int = Field(default=2, ge=0, le=10)
     retry_delay_s: float = Field(default=5.0, ge=0)
+    prefect_api_url: str | None = None  # None: Prefect's local API, state kept in runs/prefect
+    work_pool: str = Field(default="rfm-site", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    nightly_cron: str = "0 2 * * *"
+    retrain_cron: str = "0 3 * * *"
+    weekly_eval_cron: str = "0 4 * * 0"
+    retrain_min_new_studies: int = Field(default=50, ge=1)
+
+    @field_validator("nightly_cron", "retrain_cron", "weekly_eval_cron")
+    @classmethod
+    def _five_field_cron(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError("a cron schedule has 5 fields: minute hour day-of-month month day-of-week")
+        return v
+
+    @field_validator("prefect_api_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL ending in /api, e.g. http://prefect-host:4200/api")
+        return v
+
+
+class CallerEntry(_Section):
+    """One PACS or modality allowed to send: its calling AE title, its address (an IP address or a
+    network in CIDR form), or both (then both must match)."""
+
+    ae_title: str | None = Field(default=None, min_length=1, max_length=16, pattern=r"^[^\\\x00-\x1f]*$")
+    address: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _ip_or_network(cls, v: str | None) -> str | None:
+        import ipaddress
+
+        if v is not None:
+            try:
+                ipaddress.ip_network(v, strict=False)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address or network (e.g. 10.1.2.3 or 10.1.2.0/24)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _something_to_match(self) -> "CallerEntry":
+        if self.ae_title is None and self.address is None:
+            raise ValueError("an allowed caller needs ae_title, address or both")
+        return self
+
+
+class ReceiverTLSSection(_Section):
+    """TLS for DICOM associations; files are referenced (relative to the workspace), never inline."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None  # set: callers must present a certificate signed by this CA
+
+
+class ReportHTTPSection(_Section):
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = Field(default=8105, ge=0, le=65535)
+    token_file: Path | None = None  # set: POSTs need "Authorization: Bearer <the file's content>"
+    max_bytes: int = Field(default=1_000_000, ge=1024)
+
+
+class ReceiverSection(_Section):
+    """`rfm receive`: a DICOM Storage SCP for the PACS and the report inputs (docs/receiver.md)."""
+
+    ae_title: str = Field(default="RFM_SITE", min_length=1, max_length=16, pattern=r"^[^\\\x00-\x1f]*$")
+    bind: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=0, le=65535)
+    allowed_callers: tuple[CallerEntry, ...] = ()
+    allow_any: bool = False
+    quiet_period_s: float = Field(default=60.0, ge=0)
+    max_associations: int = Field(default=10, ge=1)
+    tls: ReceiverTLSSection | None = None
+    report_drop: Path | None = None
+    report_http: ReportHTTPSection = ReportHTTPSection()
+
+
+class RetentionSection(_Section):
+    """`rfm retention`: how long identifiable copies are kept (docs/operations-backup.md)."""
+
+    raw_days: int | None = Field(default=None, ge=0)  # None: keep raw/ forever
+    keep_quarantine_days: int | None = Field(default=None, ge=0)  # None: keep quarantine/ forever
 
 
 class SiteConfig(_Section):
@@ -244,9 +393,13 @@ class SiteConfig(_Section):
     train: TrainSection = TrainSection()
     evaluate: EvaluateSection = EvaluateSection()
     distill: DistillSection = DistillSection()
+    pretrain: PretrainSection = PretrainSection()
+    probe: ProbeSection = ProbeSection()
     export: ExportSection = ExportSection()
     tracking: TrackingSection = TrackingSection()
     workflow: WorkflowSection = WorkflowSection()
+    receiver: ReceiverSection = ReceiverSection()
+    retention: RetentionSection = RetentionSection()
 
 
 def template_text(site_name: str = "my-site") -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def run_checks(workspace: Path) -> dict:
             checks.append(("workspace", True, f"{workspace.resolve()} (site.yaml valid)"))
         except ApplianceError as exc:
             checks.append(("workspace", False, str(exc)))
+        checks.append(catalog_check(workspace / "catalog.sqlite"))
     else:
         checks.append(("workspace", True, f"none at {workspace.resolve()} (create one with `rfm init`)"))
     checks.append(("disk", hw.disk_free_gb >= MIN_FREE_DISK_GB,
@@ -52,3 +54,45 @@ def run_checks(workspace: Path) -> dict:
         profile = plan_profile(hw, "cpu").to_dict()
         checks.append(("profile", False, str(exc)))
     return {"hardware": hw.to_dict(), "profile": profile, "checks": checks}
+
+
+def catalog_check(path: Path) -> tuple[str, bool, str]:
+    """The catalog's schema version against this appliance's (read-only: doctor never migrates)."""
+    import sqlite3
+
+    from appliance.catalog import SCHEMA_VERSION, catalog_schema_version
+
+    try:
+        version = catalog_schema_version(path)
+    except (ApplianceError, sqlite3.Error) as exc:
+        return ("catalog", False, f"cannot be read ({exc})")
+    if version is None:
+        return ("catalog", True, f"none yet (created at schema v{SCHEMA_VERSION} on first use)")
+    if version > SCHEMA_VERSION:
+        return ("catalog", False, f"schema v{version} is newer than this appliance (v{SCHEMA_VERSION}): upgrade it")
+    if version < SCHEMA_VERSION:
+        return ("catalog", True, f"schema v{version}; migrated to v{SCHEMA_VERSION} on next use (a copy is kept)")
+    return ("catalog", True, f"schema v{version} (current)")
+
+
+def quick_checks(workspace: Path) -> list[tuple[str, bool, str]]:
+    """The checks a service health probe can afford every few seconds (no torch, no GPU): the
+    workspace exists with a valid site.yaml, its catalog opens, its folders are writable and the
+    disk has room. Every check must pass for the service to count as healthy."""
+    import shutil
+
+    from appliance.workspace import open_workspace
+
+    checks: list[tuple[str, bool, str]] = []
+    try:
+        ws = open_workspace(workspace)
+    except ApplianceError as exc:
+        return [("workspace", False, str(exc))]
+    checks.append(("workspace", True, f"{ws.root} (site.yaml valid)"))
+    checks.append(catalog_check(ws.catalog_path))
+    unwritable = [d.name for d in (ws.raw, ws.deid, ws.cache, ws.runs) if not os.access(d, os.W_OK | os.X_OK)]
+    checks.append(("folders", not unwritable,
+                   "writable" if not unwritable else f"not writable by this user: {', '.join(unwritable)}"))
+    free_gb = round(shutil.disk_usage(ws.root).free / 2**30, 1)
+    checks.append(("disk", free_gb >= MIN_FREE_DISK_GB, f"{free_gb} GB free (>= {MIN_FREE_DISK_GB:.0f} GB recommended)"))
+    return checks

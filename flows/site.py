@@ -92,10 +92,50 @@ def distill_task(workspace: str, run_dir: str | None = None, outcomes: str | Non
                              progress=_progress()).to_dict()
 
 
+@task(name="pretrain", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def pretrain_task(workspace: str, objective: str | None = None) -> dict:
+    """Continue pre-training the 2D encoder; an unfinished run (killed process, task retry) is resumed."""
+    from appliance.train.pretrain import pretrain_workspace
+
+    ws = open_workspace(workspace)
+    resume = latest_run(ws, finished=False, kind="pretrain") is not None
+    return pretrain_workspace(ws, resume=resume, objective=None if resume else objective,
+                              progress=_progress()).to_dict()
+
+
+@task(name="probe", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
+def probe_task(workspace: str, encoders: list[str] | None = None) -> dict:
+    """Frozen-encoder probe: the open weights against the newest pre-training run (or the given ones)."""
+    from appliance.evaluate.probe2d import probe_workspace
+
+    ws = open_workspace(workspace)
+    result = probe_workspace(ws, encoders or (), progress=_progress())
+    return {k: result[k] for k in ("run_dir", "report_md", "baseline", "n_images", "seconds")} | {
+        "macro": {name: e["metrics"]["macro"] for name, e in result["encoders"].items()}}
+
+
 @task(name="export", cache_policy=NO_CACHE, retry_condition_fn=is_transient)
 def export_task(workspace: str, run_dir: str | None = None) -> dict:
     ws = open_workspace(workspace)
     return export_run(ws, Path(run_dir) if run_dir else None, progress=_progress()).to_dict()
+
+
+@flow(name="radiograph-pipeline", log_prints=False)
+def radiograph_pipeline(workspace: str, source: str | None = None, force: bool = False,
+                        objective: str | None = None) -> dict:
+    """The 2D path: ingest (when a source folder is given), de-identify, preprocess and label the
+    radiographs, continue pre-training the open-weight encoder, then probe it against the open weights."""
+    cfg = open_workspace(workspace).config().workflow
+    retry = {"retries": cfg.task_retries, "retry_delay_seconds": cfg.retry_delay_s}
+    results: dict[str, dict] = {}
+    if source is not None:
+        results["ingest"] = ingest_task.with_options(**retry)(workspace, source, force)
+    results["deid"] = deid_task.with_options(**retry)(workspace, force)
+    results["preprocess"] = preprocess_task.with_options(**retry)(workspace, force)
+    results["labels"] = labels_task.with_options(**retry)(workspace, force)
+    results["pretrain"] = pretrain_task.with_options(**retry)(workspace, objective)
+    results["probe"] = probe_task.with_options(**retry)(workspace, ["start", results["pretrain"]["run_dir"]])
+    return results
 
 
 @flow(name="site-pipeline", log_prints=False)

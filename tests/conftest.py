@@ -33,6 +33,17 @@ def small_cohort(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def small_cxr_cohort(tmp_path_factory) -> Path:
+    """Twelve chest X-ray studies at 128x128 (seed 1 holds MONOCHROME1, VOI LUT, windows, FOR PROCESSING,
+    burned-in text, PA/AP/lateral views, four vendors, findings and devices). Read-only."""
+    from appliance.synthetic import generate_cxr_cohort
+
+    out = tmp_path_factory.mktemp("cxr_cohort") / "cohort"
+    generate_cxr_cohort(out, n_studies=12, seed=1, size=128)
+    return out
+
+
 @pytest.fixture
 def cohort(small_cohort, tmp_path) -> Path:
     """A private, writable copy of the small cohort."""

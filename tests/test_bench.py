@@ -97,3 +97,20 @@ def test_bench_distill_on_cpu_reports_every_figure():
     assert enc["distillation_step"]["samples_per_s"] > 0 and enc["distillation_step"]["peak_gpu_mem_gb"] is None
     assert set(enc["student_speedup"]) == {"1", "2"} and all(v > 0 for v in enc["student_speedup"].values())
     assert enc["gmacs_ratio"] < 0.25 and enc["peak_rss_mb"] > 0
+
+
+def test_bench_pretrain_on_cpu_reports_every_figure():
+    """The 2D rows of `rfm bench train`: each objective's images/s and memory, and the ViT-B/14 plans."""
+    from appliance.train.pretrain_bench import OBJECTIVES, PLAN_CARDS_GB, bench_pretrain
+
+    result = bench_pretrain(steps=1, warmup=0, device="cpu", image_size=32, objectives=("unicl", "dino"))
+    assert [r["objective"] for r in result["rows"]] == ["unicl", "dino"]  # clip's step is unicl's minus label texts
+    for row in result["rows"]:
+        assert row["train_images_per_s"] > 0 and row["inference_images_per_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["plan"]["device"] == "cpu" and row["peak_gpu_mem_gb"] is None and row["image_size"] == 32
+    plans = {(p["objective"], p["card_gb"]): p for p in result["plans"]}
+    assert set(plans) == {(o, gb) for o in OBJECTIVES for gb in PLAN_CARDS_GB}
+    for objective in OBJECTIVES:
+        small, large = plans[(objective, 24)], plans[(objective, 80)]
+        assert small["micro_batch"] * small["grad_accumulation"] >= 64 <= large["micro_batch"] * large["grad_accumulation"]
+        assert large["micro_batch"] >= small["micro_batch"]

@@ -98,12 +98,17 @@ def deidentify_workspace(ws: Workspace, *, force: bool = False, progress: Progre
     with Catalog(ws.catalog_path) as catalog:
         run_id = catalog.start_run(STAGE)
         todo = []
+        raw_removed = catalog.raw_removed_keys("series")
         for row in catalog.all_series():
             if not catalog.is_done("series", row.key, "ingest"):
                 continue
             series_fp = f"{fp}:{row.geometry.get('content_sha', '')}"
             if not force and catalog.is_done("series", row.key, STAGE, series_fp):
                 summary.series_skipped += 1
+                continue
+            if row.key in raw_removed:  # retention (or a backup without raw/) took the source: keep what exists
+                summary.series_skipped += 1
+                progress.note(f"series {row.key}: its raw copy was removed, so it keeps its earlier de-identification")
                 continue
             todo.append((row, series_fp))
         progress.start("de-identify series", len(todo))
@@ -308,6 +313,7 @@ def _first_header(ws: Workspace, catalog: Catalog, study_key: str) -> pydicom.Da
     """Header of one raw image of the study: the source of its report's deny list and date offset."""
     row = catalog.db.execute(
         "SELECT i.raw_path FROM instances i JOIN series s ON s.key = i.series_key WHERE s.study_key = ? "
+        "AND s.key NOT IN (SELECT key FROM raw_removed WHERE kind = 'series') "
         "ORDER BY i.key LIMIT 1", (study_key,)).fetchone()
     return pydicom.dcmread(ws.root / row["raw_path"], stop_before_pixels=True) if row else None
 
@@ -344,7 +350,9 @@ def audit_output(ws: Workspace, directory: Path | None = None, progress: Progres
     covered: set[Path] = set()
     with Catalog(ws.catalog_path) as catalog:
         series_rows = {r.key: r for r in catalog.all_series()}
-        outputs = [(k, catalog.status("series", k, STAGE)) for k in series_rows]
+        # series whose raw copy was removed have no removed values to recompute: patterns only (below)
+        raw_removed = catalog.raw_removed_keys("series")
+        outputs = [(k, catalog.status("series", k, STAGE)) for k in series_rows if k not in raw_removed]
         outputs = [(k, ws.root / row["output"]) for k, row in outputs if row and row["status"] == "done"]
         outputs = [(k, d) for k, d in outputs if d.is_dir() and (d == directory or directory in d.parents)]
         progress.start("audit series", len(outputs))

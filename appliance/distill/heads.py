@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 
-from appliance.evaluate.metrics import resample_weights, weighted_auc
+from appliance.evaluate.metrics import resample_weights, weighted_auc, weighted_average_precision
 
 METHODS = ("linear_probe", "baseline", "teacher_text", "self_distilled", "text_distilled")
 PAIRS = (("text_distilled", "baseline"), ("text_distilled", "self_distilled"))
@@ -186,68 +187,72 @@ def auprc_score(y: np.ndarray, proba: np.ndarray) -> float:
     return float(np.mean([average_precision_score(y == c, proba[:, c]) for c in _scored_classes(y, proba.shape[1])]))
 
 
+def train_early_stopped(model: nn.Module, n_train: int, batch_loss: Callable[[torch.Tensor], torch.Tensor],
+                        validate: Callable[[], tuple[float, dict]], *, lr: float, weight_decay: float,
+                        batch_size: int, max_epochs: int, patience: int, seed: int) -> tuple[nn.Module, dict]:
+    """Adam over shuffled mini-batches of row indices; early stopping; the best weights restored.
+
+    `batch_loss(idx)` is the loss of one batch of training rows; `validate()` returns (score, info) after each
+    epoch, higher is better. Training stops `patience` epochs after the last improvement. Returns the model in
+    eval mode and {"best_epoch", **info of the best epoch, "epochs_run"}.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    best_score, best_state, best_epoch, best_info = -math.inf, None, 0, {}
+    epoch = 0
+    for epoch in range(1, max_epochs + 1):
+        model.train()
+        for idx in torch.randperm(n_train, generator=gen).split(batch_size):
+            loss = batch_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        score, info = validate()
+        if score > best_score:
+            best_score, best_epoch, best_info = score, epoch, info
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model, {"best_epoch": best_epoch, **best_info, "epochs_run": epoch}
+
+
 def train_head(model: nn.Module, train: TokenSet, val: TokenSet, cfg: HeadConfig, seed: int,
                soft_targets: torch.Tensor | None = None, uses_text: bool = False) -> tuple[nn.Module, dict]:
     """Adam on hard (or distillation) loss; early stop on validation AUC; best weights restored.
 
     With a single class in `val`, the validation loss selects the checkpoint instead (info["selected_by"]).
     """
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
     if soft_targets is not None:
         soft_targets = torch.as_tensor(soft_targets, dtype=torch.float32)
         if soft_targets.ndim != 2 or soft_targets.shape[0] != len(train):
             raise ValueError(f"soft_targets shape {tuple(soft_targets.shape)} does not match the training set")
     by_auc = len(torch.unique(val.y)) > 1
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best_score, best_state, best_epoch, best_auc, best_loss = -math.inf, None, 0, None, None
-    epoch = 0
-    for epoch in range(1, cfg.max_epochs + 1):
-        model.train()
-        for idx in torch.randperm(len(train), generator=gen).split(cfg.batch_size):
-            loss = distill_loss(_logits(model, train, idx, uses_text), train.y[idx],
-                                None if soft_targets is None else soft_targets[idx], cfg.lam)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    def batch_loss(idx):
+        return distill_loss(_logits(model, train, idx, uses_text), train.y[idx],
+                            None if soft_targets is None else soft_targets[idx], cfg.lam)
+
+    def validate():
         val_logits = _eval_logits(model, val, uses_text)
         val_loss = float(F.cross_entropy(val_logits, val.y))
         val_auc = auc_score(val.y.numpy(), val_logits.softmax(dim=-1).numpy()) if by_auc else None
-        score = val_auc if by_auc else -val_loss
-        if score > best_score:
-            best_score, best_epoch, best_auc, best_loss = score, epoch, val_auc, val_loss
-            best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= cfg.patience:
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return model, {"best_epoch": best_epoch, "best_val_auc": best_auc, "best_val_loss": best_loss,
-                   "epochs_run": epoch, "selected_by": "val_auc" if by_auc else "val_loss"}
+        return (val_auc if by_auc else -val_loss), {"best_val_auc": val_auc, "best_val_loss": val_loss}
 
-
-def _weighted_ap(y: np.ndarray, s: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Average precision (sklearn's definition) for each row of study multiplicities `weights` (R, n)."""
-    order = np.argsort(-s, kind="stable")
-    s_sorted, pos = s[order], y[order] == 1
-    w = weights[:, order]
-    ends = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), s_sorted.size - 1]  # last index of each tie
-    tp = np.cumsum(w * pos, axis=1)[:, ends]
-    fp = np.cumsum(w * ~pos, axis=1)[:, ends]
-    total_pos = tp[:, -1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
-        recall = tp / total_pos
-        d_recall = np.diff(np.concatenate([np.zeros_like(recall[:, :1]), recall], axis=1), axis=1)
-        ap = (d_recall * precision).sum(axis=1)
-    return np.where(total_pos[:, 0] > 0, ap, np.nan)
+    model, info = train_early_stopped(model, len(train), batch_loss, validate, lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
+                                      max_epochs=cfg.max_epochs, patience=cfg.patience, seed=seed)
+    return model, {**info, "selected_by": "val_auc" if by_auc else "val_loss"}
 
 
 def bootstrap_metrics(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
     """Per-resample AUC and AUPRC (as auc_score / auprc_score) for each row of study multiplicities (R, n)."""
     classes = _scored_classes(y, proba.shape[1])
     aucs = np.stack([weighted_auc((y == c).astype(int), proba[:, c], weights) for c in classes])
-    aps = np.stack([_weighted_ap((y == c).astype(int), proba[:, c], weights) for c in classes])
+    aps = np.stack([weighted_average_precision((y == c).astype(int), proba[:, c], weights) for c in classes])
     return {"auc": aucs.mean(axis=0), "auprc": aps.mean(axis=0)}  # NaN where a resample lacks a class
 
 

@@ -135,6 +135,26 @@ def weighted_auc(y: np.ndarray, s: np.ndarray, weights: np.ndarray) -> np.ndarra
         return np.where(total > 0, (w_pos * credit).sum(axis=1) / total, np.nan)
 
 
+def weighted_average_precision(y: np.ndarray, s: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Average precision (sklearn's definition) for each row of study multiplicities `weights` (R, n).
+
+    NaN where a row has no positive.
+    """
+    order = np.argsort(-s, kind="stable")
+    s_sorted, pos = s[order], y[order] == 1
+    w = weights[:, order]
+    ends = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), s_sorted.size - 1]  # last index of each tie
+    tp = np.cumsum(w * pos, axis=1)[:, ends]
+    fp = np.cumsum(w * ~pos, axis=1)[:, ends]
+    total_pos = tp[:, -1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = tp / total_pos
+        d_recall = np.diff(np.concatenate([np.zeros_like(recall[:, :1]), recall], axis=1), axis=1)
+        ap = (d_recall * precision).sum(axis=1)
+    return np.where(total_pos[:, 0] > 0, ap, np.nan)
+
+
 def _interval(point: float | None, values: np.ndarray, alpha: float) -> Interval:
     used = values[np.isfinite(values)]
     if point is None or used.size == 0:

@@ -100,9 +100,12 @@ class Federation:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.env = flower_env(self.flwr_home)
+        # a SuperLink listening on every interface is dialled by this machine's flwr CLI on loopback,
+        # an address its certificate always names (0.0.0.0 is neither dialable nor in the SANs)
+        dial = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{self.host}:{self.port}"\nroot-certificates = "{self.ca}"\n')
+            f'address = "{dial}:{self.port}"\nroot-certificates = "{self.ca}"\n')
 
     @classmethod
     def for_consortium(cls, root: Path, files) -> Federation:

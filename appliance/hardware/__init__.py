@@ -214,3 +214,103 @@ def visible_cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 2D pre-training (rfm pretrain): the same profile, sized from the encoder's own numbers
+
+ACTIVATION_BYTES_PER_TOKEN_WIDTH = 34  # per block, 16-bit, fused attention (Korthikanti et al. 2022)
+RESERVED_GB = 1.5  # CUDA context, cuDNN/cuBLAS workspaces, allocator slack
+
+
+@dataclass(frozen=True)
+class PretrainWorkload:
+    """What one training sample costs: the image encoder's depth, width and tokens per view, the
+    views a sample brings (DINO: 2 global + n local crops), the text tower when there is one."""
+
+    objective: str
+    image_params: int
+    depth: int
+    width: int
+    global_tokens: int
+    local_tokens: int = 0
+    local_views: int = 0
+    text_params: int = 0
+    text_tokens: int = 0
+    text_depth: int = 0
+    text_width: int = 0
+    texts_per_sample: int = 0  # CLIP 1 (the report), UniCL 2 (report + label text)
+    effective_batch: int = 64
+
+    def static_gb(self) -> float:
+        """fp32 weights, gradients and AdamW moments (16 bytes a parameter); DINO adds the EMA teacher."""
+        trained = self.image_params + self.text_params
+        teacher = self.image_params * 4 if self.objective == "dino" else 0
+        return (trained * 16 + teacher) / 2**30
+
+    def activation_gb(self, checkpointing: bool, bytes_scale: float = 1.0) -> float:
+        """Activations kept for backward per sample; checkpointing keeps each block's input and one
+        block's full set."""
+        def tower(depth, width, tokens):
+            full = ACTIVATION_BYTES_PER_TOKEN_WIDTH * tokens * width
+            return (depth * tokens * width * 2 + full) if checkpointing else depth * full
+
+        views = 2 if self.objective == "dino" else 1
+        image = views * tower(self.depth, self.width, self.global_tokens)
+        image += self.local_views * tower(self.depth, self.width, self.local_tokens)
+        text = self.texts_per_sample * tower(self.text_depth, self.text_width, self.text_tokens)
+        return (image + text) * bytes_scale / 2**30
+
+
+def plan_pretraining(hw: HardwareInfo, device: str, workload: PretrainWorkload, overrides: dict | None = None,
+                     vram_gb: float | None = None) -> HardwareProfile:
+    """The plan for `rfm pretrain`: micro-batch = what fits in 85 % of the smallest GPU after the
+    static memory, without activation checkpointing if that gives at least 8 samples, else with it;
+    accumulation (and, for contrastive objectives, gradient caching) keeps the effective batch.
+    `vram_gb` plans for a card this machine does not have (the benchmark's 24 and 80 GB rows)."""
+    workers = max(0, min(8, hw.cores_logical - 1))
+    eff = workload.effective_batch
+    if vram_gb is None and (device == "cpu" or not hw.gpus):
+        micro = min(eff, 16)
+        profile = HardwareProfile(
+            name="cpu", device="cpu", n_gpus=0, variant=workload.objective, micro_batch=micro,
+            grad_accumulation=-(-eff // micro), effective_batch=micro * -(-eff // micro), precision="fp32",
+            activation_checkpointing=False, channels_last_3d=False, dataloader_workers=min(workers, 2),
+            distributed="none", reasons=["no GPU found" if not hw.gpus else "device forced to cpu in site.yaml",
+                                         f"CPU: fp32, micro-batch {micro}"])
+        return apply_overrides(profile, overrides or {})
+    if vram_gb is not None:
+        n, smallest_gb, bf16, gpu_name = 1, vram_gb, True, f"a {vram_gb:g} GB GPU"
+    else:
+        smallest = min(hw.gpus, key=lambda g: g.vram_gb)
+        n, smallest_gb, gpu_name = len(hw.gpus), smallest.vram_gb, smallest.name
+        bf16 = smallest.compute_capability >= (8, 0)
+    budget = 0.85 * smallest_gb - RESERVED_GB - workload.static_gb()
+    reasons = [f"{gpu_name}: {smallest_gb:g} GB; static (weights, grads, AdamW"
+               + (", EMA teacher" if workload.objective == "dino" else "") + f") {workload.static_gb():.1f} GB, "
+               f"{max(budget, 0):.1f} GB left for activations"]
+    if budget <= 0:
+        raise ValueError(f"{gpu_name} has {smallest_gb:g} GB: not enough for this encoder's weights and optimiser "
+                         f"({workload.static_gb():.1f} GB); use a smaller encoder or the CPU")
+    plain, ckpt = workload.activation_gb(False), workload.activation_gb(True)
+    checkpointing = budget / plain < 8
+    per_sample = ckpt if checkpointing else plain
+    fits = int(max(1, min(eff, budget // per_sample)))
+    micro = 1 << (fits.bit_length() - 1)  # a power of two: the kernels' favourite shapes, some headroom
+    reasons.append(f"activations {plain * 1024:.0f} MB/sample ({ckpt * 1024:.0f} MB with checkpointing): {fits} fit "
+                   f"-> micro-batch {micro}" + (" with activation checkpointing" if checkpointing else ""))
+    accumulation = max(1, -(-eff // (micro * n)))
+    if accumulation > 1:
+        reasons.append(f"{accumulation} accumulation steps keep the effective batch {eff}"
+                       + (" (contrastive loss over the whole batch by gradient caching)"
+                          if workload.objective != "dino" else ""))
+    reasons.append("bf16 autocast" if bf16 else "fp16 autocast with a gradient scaler")
+    if n > 1:
+        reasons.append(f"{n} GPUs -> DDP via torchrun, one process per GPU")
+    profile = HardwareProfile(
+        name=f"pretrain-{smallest_gb:g}gb" + (f"-x{n}" if n > 1 else ""), device="cuda", n_gpus=n,
+        variant=workload.objective, micro_batch=micro, grad_accumulation=accumulation,
+        effective_batch=micro * n * accumulation, precision="bf16" if bf16 else "fp16",
+        activation_checkpointing=checkpointing, channels_last_3d=False, dataloader_workers=max(1, workers // n),
+        distributed="ddp" if n > 1 else "none", reasons=reasons)
+    return apply_overrides(profile, overrides or {})

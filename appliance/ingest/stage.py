@@ -3,8 +3,9 @@
 Two passes. The first reads headers only, classifies every file and groups images by series.
 The second validates each series as a whole (every file fully readable, consistent geometry,
 no missing or duplicate slices), copies its files into raw/ and records it in the catalog in
-one transaction. A series is the unit of work: a killed run leaves at most one series
-half-copied, which the next run redoes.
+one transaction. Projection radiographs (CR, DX; see projection.py) have no stack to check: each
+image is validated on its own and a series keeps its good images. A series is the unit of work: a
+killed run leaves at most one series half-copied, which the next run redoes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from appliance.errors import BadInputError
 from appliance.faults import checkpoint
 from appliance.fsutil import atomic_write
 from appliance.geometry import SliceHeader, analyze_stack
+from appliance.ingest.projection import ProjectionHeader, is_projection, projection_geometry
 from appliance.ingest.reports import BadReportLine, read_report_sidecar
 from appliance.ingest.scan import SourceFile, find_report_sidecars, walk_source
 from appliance.progress import Progress, SilentProgress
@@ -76,7 +78,7 @@ class _Image:
     modality: str
     accession: str | None
     patient_id: str | None
-    header: SliceHeader
+    header: SliceHeader | ProjectionHeader  # ProjectionHeader for CR/DX
     already_stored: bool = False  # read back from raw/ to merge with new slices of the same series
 
 
@@ -204,13 +206,20 @@ def _classify(src: SourceFile, modalities: tuple[str, ...]) -> _Image:
         raise _Skip("localizer")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise BadInputError("multi-frame (enhanced) image: not supported yet", "multiframe_unsupported")
-    header = SliceHeader.from_dataset(ds)  # GeometryError (a BadInputError) when geometry is missing
+    header = _header(ds, modality)
     return _Image(
         source=src, sop_uid=str(ds.SOPInstanceUID), study_uid=str(ds.StudyInstanceUID),
         series_uid=str(ds.SeriesInstanceUID), modality=modality,
         accession=str(ds.get("AccessionNumber", "") or "").strip() or None,
         patient_id=str(ds.get("PatientID", "") or "").strip() or None, header=header,
     )
+
+
+def _header(ds, modality: str) -> SliceHeader | ProjectionHeader:
+    """Projection images (CR, DX) are checked one by one; slices need their place in a stack."""
+    if is_projection(modality):
+        return ProjectionHeader.from_dataset(ds)
+    return SliceHeader.from_dataset(ds)  # GeometryError (a BadInputError) when geometry is missing
 
 
 # --- pass 2: one series at a time ---------------------------------------------------------------
@@ -227,6 +236,12 @@ def _ingest_series(run: _Run, study_uid: str, series_uid: str, members: list[_Im
         run.skip("already_ingested", len(members) - len(new))
         if not new:
             return False
+        if series_key in catalog.raw_removed_keys("series"):  # the earlier slices are gone from raw/
+            run.quarantine("series", BadInputError(
+                f"{len(new)} new slice(s) of a series whose raw copy was removed (retention or restore); send the "
+                "whole series again and ingest it with --force", "raw_removed"), [m.source for m in new.values()],
+                item_key=series_key)
+            return False
         # more slices of a series ingested earlier (a PACS push in parts): validate the union
         members = list(new.values()) + _images_from_raw(ws, catalog, series_key, study_uid, series_uid)
         sop_keys = {ws.opaque_key("sop", m.sop_uid): m for m in members}
@@ -234,20 +249,23 @@ def _ingest_series(run: _Run, study_uid: str, series_uid: str, members: list[_Im
     if len(sop_keys) < len(members):
         run.skip("duplicate_file", len(members) - len(sop_keys))  # same SOP instance sent twice
         members = list(sop_keys.values())
-    if len(members) < min_slices:
+    projection = is_projection(members[0].modality)
+    if len(members) < min_slices and not projection:
         run.skip("too_few_slices", len(members))
         return False
 
     # every file fully readable, pixel data complete
     good: list[tuple[str, _Image, bytes]] = []
     bad = 0
+    first_error: BadInputError | None = None
     for key, img in sorted(sop_keys.items()):
         try:
             data = img.source.read_bytes()
-            _check_pixel_data(data)
+            _check_pixel_data(data, exact_length=projection)
         except BadInputError as err:
             run.quarantine("file", err, [img.source])
             bad += 1
+            first_error = first_error or err
         except OSError as exc:
             run.quarantine("file", BadInputError(f"file cannot be read ({type(exc).__name__})", "unreadable"),
                            [img.source])
@@ -255,6 +273,17 @@ def _ingest_series(run: _Run, study_uid: str, series_uid: str, members: list[_Im
         else:
             good.append((key, img, data))
 
+    if projection:
+        # radiographs stand alone: the good images of a series are kept, the bad ones are in quarantine
+        if not good:
+            with catalog.transaction():
+                catalog.set_status("series", series_key, STAGE, "quarantined",
+                                   detail=first_error.code if first_error else "no_usable_image")
+            return False
+        geo = projection_geometry([img.header for _, img, _ in good])
+        _store_series(run, study_key, series_key, study_uid, series_uid, good, geo)
+        checkpoint("ingest_series")
+        return True
     try:
         if bad:
             raise BadInputError(f"{bad} of {len(members)} slices unusable (quarantined separately)",
@@ -266,13 +295,14 @@ def _ingest_series(run: _Run, study_uid: str, series_uid: str, members: list[_Im
             catalog.set_status("series", series_key, STAGE, "quarantined", detail=err.code)
         return False
 
-    _store_series(run, study_key, series_key, study_uid, series_uid, good, geometry)
+    _store_series(run, study_key, series_key, study_uid, series_uid, good, _stack_geometry(good, geometry))
     checkpoint("ingest_series")
     return True
 
 
-def _check_pixel_data(data: bytes) -> None:
-    """Raise BadInputError when the file is cut short or its pixel data is incomplete."""
+def _check_pixel_data(data: bytes, exact_length: bool = False) -> None:
+    """Raise BadInputError when the file is cut short or its pixel data is incomplete; with `exact_length`
+    also when the native pixel data is longer than Rows x Columns says (the header's dimensions are wrong)."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         pixel = ds.get("PixelData")
@@ -292,10 +322,23 @@ def _check_pixel_data(data: bytes) -> None:
                 * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) + 7) // 8
     if len(pixel) < expected:
         raise BadInputError(f"pixel data truncated ({len(pixel)} of {expected} bytes)", "truncated")
+    if exact_length and len(pixel) > expected + 1:  # one byte of padding to an even length is allowed
+        raise BadInputError(f"pixel data has {len(pixel)} bytes but Rows x Columns need {expected} "
+                            "(wrong image dimensions in the header)", "bad_dimensions")
+
+
+def _stack_geometry(good: list[tuple[str, _Image, bytes]], geometry) -> dict:
+    """The catalog's geometry record of a slice series."""
+    return {
+        "n_slices": len(good), "rows": geometry.rows, "cols": geometry.cols,
+        "pixel_spacing_mm": list(geometry.pixel_spacing), "tilt_deg": round(geometry.tilt_deg, 3),
+        "gap_min_mm": round(min(geometry.gaps_mm), 3), "gap_max_mm": round(max(geometry.gaps_mm), 3),
+        "uneven_spacing": geometry.uneven_spacing,
+    }
 
 
 def _store_series(run: _Run, study_key: str, series_key: str, study_uid: str, series_uid: str,
-                  good: list[tuple[str, _Image, bytes]], geometry) -> None:
+                  good: list[tuple[str, _Image, bytes]], geometry: dict) -> None:
     ws, catalog = run.ws, run.catalog
     series_dir = ws.raw / study_key / series_key
     series_dir.mkdir(parents=True, exist_ok=True)
@@ -306,13 +349,8 @@ def _store_series(run: _Run, study_key: str, series_key: str, study_uid: str, se
         instances.append((key, rel, hashlib.sha256(data).hexdigest(), len(data)))
     first = good[0][1]
     _update_study_identity(ws, study_key, study_uid, first.accession, first.patient_id, series_key, series_uid)
-    geo = {
-        "n_slices": len(good), "rows": geometry.rows, "cols": geometry.cols,
-        "pixel_spacing_mm": list(geometry.pixel_spacing), "tilt_deg": round(geometry.tilt_deg, 3),
-        "gap_min_mm": round(min(geometry.gaps_mm), 3), "gap_max_mm": round(max(geometry.gaps_mm), 3),
-        "uneven_spacing": geometry.uneven_spacing,
-        "content_sha": hashlib.sha256("".join(sorted(i[2] for i in instances)).encode()).hexdigest()[:16],
-    }
+    geo = {**geometry,
+           "content_sha": hashlib.sha256("".join(sorted(i[2] for i in instances)).encode()).hexdigest()[:16]}
     with catalog.transaction():
         catalog.upsert_study(
             study_key,
@@ -338,7 +376,7 @@ def _images_from_raw(ws: Workspace, catalog: Catalog, series_key: str, study_uid
             source=SourceFile(ws.root, rel), sop_uid=str(ds.SOPInstanceUID), study_uid=study_uid,
             series_uid=series_uid, modality=str(ds.Modality).upper(),
             accession=str(ds.get("AccessionNumber", "") or "").strip() or None,
-            patient_id=str(ds.get("PatientID", "") or "").strip() or None, header=SliceHeader.from_dataset(ds),
+            patient_id=str(ds.get("PatientID", "") or "").strip() or None, header=_header(ds, str(ds.Modality)),
             already_stored=True,
         ))
     return images

@@ -27,8 +27,9 @@ Pipeline per report:
    opacity 1, atelectasis -1); "consistent with"/"compatible with" are positive.
 4. A finding's label combines its mentions as the CheXpert labeler does: positive > uncertain > negative.
    Unmentioned findings are 0 (CT-RATE style: binary with uncertain); `unmentioned=None` leaves them blank
-   as CheXpert does. A finding named "No Finding" is 1 when no other finding except "Support Devices" is
-   positive or uncertain (CheXpert's rule).
+   as CheXpert does. A "<device> malpositioned" finding that is positive or uncertain makes "<device>"
+   positive (lines and tubes, see vocabularies.py). A finding named "No Finding" is 1 when no other finding
+   except "Support Devices" is positive or uncertain (CheXpert's rule).
 """
 
 from __future__ import annotations
@@ -432,6 +433,13 @@ def label_report(text: str, vocabulary: Vocabulary, unmentioned: int | None = 0)
                 evidence[cf.name] = best[i][1]
         else:
             labels[cf.name] = unmentioned
+    for name, value in list(labels.items()):
+        # lines and tubes: a device said to be malpositioned is present ("the PICC is too deep" names the PICC
+        # only inside the malposition phrase, where the one-word device mention gives way to the longer one)
+        device = name[: -len(" malpositioned")] if name.endswith(" malpositioned") else None
+        if device in labels and value in (POSITIVE, UNCERTAIN) and labels[device] != POSITIVE:
+            labels[device] = POSITIVE
+            evidence[device] = evidence.get(name, "")
     for name in labels:
         if name.lower() == "no finding":
             abnormal = any(v in (POSITIVE, UNCERTAIN) for k, v in labels.items()

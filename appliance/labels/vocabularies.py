@@ -19,6 +19,9 @@ of a site's own file in the same format:
             # optional: longer phrases that contain a synonym but are a different thing ("subcutaneous
             # emphysema" for emphysema); a synonym match inside an exclusion is not a mention.
 
+Several vocabularies joined with "+" make one composite ("cxr_19+cxr_lines_tubes_10": findings in order,
+names unique, one fingerprint of the whole).
+
 Lines and tubes (`cxr_lines_tubes_10`): each device is two findings, "<device>" (present or absent) and
 "<device> malpositioned" (present only when the report says the placement is wrong); a correctly placed
 device is "<device>" 1 and "<device> malpositioned" 0. So the vocabulary has 20 findings for 10 devices.
@@ -170,11 +173,30 @@ def vocabulary_from_dict(data, source: str = "vocabulary") -> Vocabulary:
     return Vocabulary(name=name.strip(), findings=tuple(findings), description=" ".join(description.split()))
 
 
+def combine_vocabularies(parts: list[Vocabulary]) -> Vocabulary:
+    """One vocabulary of several, findings in order ("cxr_19+cxr_lines_tubes_10"); names must stay unique."""
+    name = "+".join(v.name for v in parts)
+    seen: dict[str, str] = {}
+    for v in parts:
+        for f in v.findings:
+            if f.name.lower() in seen:
+                raise ConfigError(f"vocabulary '{name}': finding '{f.name}' is in both {seen[f.name.lower()]} and {v.name}")
+            seen[f.name.lower()] = v.name
+    return Vocabulary(name=name, findings=tuple(f for v in parts for f in v.findings),
+                      description=f"Composite of {', '.join(v.name for v in parts)}.")
+
+
 def load_vocabulary(name_or_path: str | Path) -> Vocabulary:
-    """A built-in vocabulary by name (BUILTIN_VOCABULARIES) or a vocabulary YAML file by path."""
+    """A built-in vocabulary by name (BUILTIN_VOCABULARIES), a vocabulary YAML file by path, or several of
+    either joined by "+" (a composite: findings concatenated in order, names unique, one fingerprint)."""
     if isinstance(name_or_path, Vocabulary):
         return name_or_path
     text = str(name_or_path)
+    if isinstance(name_or_path, str) and "+" in text and not Path(text).is_file():
+        parts = [p.strip() for p in text.split("+")]
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(f"vocabulary '{text}': a composite is two or more names joined by '+'")
+        return combine_vocabularies([load_vocabulary(p) for p in parts])
     if isinstance(name_or_path, str) and text in BUILTIN_VOCABULARIES:
         path, source = DATA_DIR / f"{text}.yaml", f"vocabulary '{text}'"
     else:

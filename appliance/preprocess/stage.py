@@ -1,6 +1,8 @@
 """Preprocess stage over the catalog: every de-identified series -> cache/<series>.npy (+ .json).
 
-It reads the de-identified copies in deid/, never raw/. Work is spread over worker processes;
+It reads the de-identified copies in deid/, never raw/. Projection radiographs (CR, DX, or a series whose
+catalog geometry is a projection) go to `radiograph.py` and become cache/<series>.npy of shape (S, S);
+everything else is a CT/MR volume. Work is spread over worker processes;
 only this process writes the catalog. An item is `done` for a fingerprint made of the settings
 and the de-identified series' own fingerprint, so changing site.yaml's preprocess section, or
 re-ingesting or re-de-identifying a series, redoes exactly what is affected.
@@ -19,7 +21,9 @@ from appliance.config import PreprocessSection
 from appliance.errors import BadInputError
 from appliance.faults import checkpoint
 from appliance.hardware import visible_cpu_count
+from appliance.ingest.projection import is_projection
 from appliance.preprocess import PreprocessSettings, preprocess_series
+from appliance.preprocess.radiograph import RadiographSettings, preprocess_radiograph
 from appliance.progress import Progress, SilentProgress
 from appliance.quarantine import quarantine_item
 from appliance.workspace import Workspace
@@ -51,6 +55,15 @@ def settings_from_config(section: PreprocessSection) -> PreprocessSettings:
     )
 
 
+def radiograph_settings_from_config(section: PreprocessSection) -> RadiographSettings:
+    return RadiographSettings(size=section.radiograph_size)
+
+
+def is_radiograph(row: SeriesRow) -> bool:
+    """A projection image series (cached as one 2D image) rather than a slice stack."""
+    return is_projection(row.modality) or row.geometry.get("kind") == "projection"
+
+
 def worker_count(requested: int, n_items: int) -> int:
     """`requested` workers, or one per usable core (at most 8) when 0; never more than items."""
     n = requested if requested > 0 else min(visible_cpu_count(), 8)
@@ -68,6 +81,7 @@ def preprocess_workspace(
     """Build the training cache for every ingested series that needs it."""
     cfg = ws.config().preprocess
     settings = settings_from_config(cfg)
+    radiograph_settings = radiograph_settings_from_config(cfg)
     progress = progress or SilentProgress()
     summary = PreprocessSummary()
     t0 = time.perf_counter()
@@ -84,7 +98,8 @@ def preprocess_workspace(
                 # training data comes only from de-identified copies; raw/ is never read here
                 summary.series_waiting_for_deid += int(catalog.is_done("series", row.key, "ingest"))
                 continue
-            fingerprint = f"{settings.fingerprint()}:{deid['fingerprint']}"
+            kind_fp = radiograph_settings.fingerprint() if is_radiograph(row) else settings.fingerprint()
+            fingerprint = f"{kind_fp}:{deid['fingerprint']}"
             if not force and catalog.is_done("series", row.key, STAGE, fingerprint):
                 summary.series_skipped += 1
                 continue
@@ -94,7 +109,7 @@ def preprocess_workspace(
         progress.start("preprocess series", len(todo))
         n_workers = worker_count(workers if workers is not None else cfg.workers, len(todo))
         if todo:
-            _run_jobs(ws, catalog, todo, settings, n_workers, summary, progress)
+            _run_jobs(ws, catalog, todo, settings, n_workers, summary, progress, radiograph_settings)
         summary.seconds = time.perf_counter() - t0
         catalog.finish_run(run_id, "done", summary.to_dict())
     return summary
@@ -109,15 +124,30 @@ def _job(files: list[str], out_stem: str, settings: PreprocessSettings, min_slic
     return {"shape": list(cached.shape), "nbytes": Path(cached.npy_path).stat().st_size}
 
 
+def _radiograph_job(files: list[str], out_stem: str, settings: RadiographSettings) -> dict:
+    """Runs in a worker process; one projection image -> cache, or the bad-input reason."""
+    try:
+        cached = preprocess_radiograph([Path(f) for f in files], Path(out_stem), settings)
+    except BadInputError as err:
+        return {"error": err.reason, "code": err.code}
+    return {"shape": list(cached.shape), "nbytes": Path(cached.npy_path).stat().st_size}
+
+
 def _run_jobs(ws: Workspace, catalog: Catalog, todo: list[tuple[SeriesRow, str, list[str]]],
-              settings: PreprocessSettings, n_workers: int, summary: PreprocessSummary, progress: Progress) -> None:
+              settings: PreprocessSettings, n_workers: int, summary: PreprocessSummary, progress: Progress,
+              radiograph_settings: RadiographSettings | None = None) -> None:
     min_slices = min(3, ws.config().ingest.min_slices)
+    radiograph_settings = radiograph_settings or RadiographSettings()
 
     def submit(pool: ProcessPoolExecutor | None, row: SeriesRow, files: list[str]) -> Future | dict:
         stem = str(ws.cache / row.key)
+        if is_radiograph(row):
+            job, args = _radiograph_job, (files, stem, radiograph_settings)
+        else:
+            job, args = _job, (files, stem, settings, min_slices)
         if pool is None:
-            return _job(files, stem, settings, min_slices)
-        return pool.submit(_job, files, stem, settings, min_slices)
+            return job(*args)
+        return pool.submit(job, *args)
 
     pool = ProcessPoolExecutor(max_workers=n_workers) if n_workers > 1 else None
     try:

@@ -1,6 +1,7 @@
-"""Deterministic synthetic chest CT cohort: DICOM series, reports with known labels, planted PHI, ground truth."""
+"""Deterministic synthetic cohorts (chest CT, chest X-ray): DICOM, reports with known labels, planted PHI, ground truth."""
 
 from appliance.synthetic.cohort import CohortSummary, generate_cohort
+from appliance.synthetic.cxr import generate_cxr_cohort
 from appliance.synthetic.dicom_writer import (
     KERNELS,
     SliceGeometry,
@@ -23,6 +24,7 @@ __all__ = [
     "apply_kernel",
     "axial_geometry",
     "generate_cohort",
+    "generate_cxr_cohort",
     "make_chest_phantom",
     "render_text_mask",
     "sample_slices",

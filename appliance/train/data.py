@@ -55,25 +55,12 @@ def collect_training_data(ws: Workspace, *, impression_first_order: bool = True,
 
     `findings` fixes the vocabulary instead (a federation's, the same at every site): a finding
     this site does not label, or whose labels its consensus dropped, is -1 (unknown) throughout."""
-    labels_csv, consensus_path = ws.labels / "labels.csv", ws.labels / "consensus.json"
-    if not labels_csv.is_file():
-        raise ApplianceError("no labels yet: run `rfm labels` before training")
-    rows = list(csv.DictReader(io.StringIO(labels_csv.read_text())))
-    all_findings = [c for c in (rows[0].keys() if rows else []) if c != "study_key"]
-    kept = json.loads(consensus_path.read_text()).get("kept", all_findings) if consensus_path.is_file() else all_findings
-    usable = set(all_findings) & set(kept)
-    if findings is None:
-        findings = tuple(f for f in all_findings if f in usable)
-    else:
-        findings = tuple(findings)
-    if not usable & set(findings):
-        raise ApplianceError("labels/consensus.json keeps no finding; nothing to train on")
-    labels = {r["study_key"]: tuple(int(r[f]) if f in usable else -1 for f in findings) for r in rows}
-    skipped = {"no report": 0, "no labels": 0, "cache file missing": 0, "cache file unreadable": 0}
+    findings, labels, dropped = site_labels(ws, findings)
+    skipped = {"no report": 0, "no labels": 0, "cache file missing": 0, "cache file unreadable": 0, "not a volume": 0}
     items = []
     with Catalog(ws.catalog_path) as catalog:
         reports = dict(deidentified_reports(ws, catalog))
-        cached = _cached_rows(catalog)
+        cached = cached_rows(catalog)
     for row in cached:
         study = row["study_key"]
         npy = ws.root / row["output"]
@@ -81,15 +68,32 @@ def collect_training_data(ws: Workspace, *, impression_first_order: bool = True,
             skipped["no report"] += 1
         elif study not in labels:
             skipped["no labels"] += 1
-        elif problem := _cache_problem(npy):
+        elif problem := cache_problem(npy):
             skipped[problem] += 1
         else:
             text = training_text(reports[study], impression_first_order)
             items.append(TrainingItem(row["series_key"], study, row["patient_key"] or study, npy, labels[study], text))
     if not items:
         raise ApplianceError("no cached series with a report and labels: run ingest, deid, preprocess and labels first")
-    return TrainingData(findings, tuple(items), tuple(f for f in all_findings if f not in usable),
-                        {k: v for k, v in skipped.items() if v})
+    return TrainingData(findings, tuple(items), dropped, {k: v for k, v in skipped.items() if v})
+
+
+def site_labels(ws: Workspace, findings: Sequence[str] | None = None) -> tuple[tuple[str, ...], dict, tuple[str, ...]]:
+    """(findings, study_key -> 1/0/-1 per finding, findings the consensus dropped) from labels/.
+
+    `findings` fixes the vocabulary (see collect_training_data)."""
+    labels_csv, consensus_path = ws.labels / "labels.csv", ws.labels / "consensus.json"
+    if not labels_csv.is_file():
+        raise ApplianceError("no labels yet: run `rfm labels` before training")
+    rows = list(csv.DictReader(io.StringIO(labels_csv.read_text())))
+    all_findings = [c for c in (rows[0].keys() if rows else []) if c != "study_key"]
+    kept = json.loads(consensus_path.read_text()).get("kept", all_findings) if consensus_path.is_file() else all_findings
+    usable = set(all_findings) & set(kept)
+    findings = tuple(f for f in all_findings if f in usable) if findings is None else tuple(findings)
+    if not usable & set(findings):
+        raise ApplianceError("labels/consensus.json keeps no finding; nothing to train on")
+    labels = {r["study_key"]: tuple(int(r[f]) if f in usable else -1 for f in findings) for r in rows}
+    return findings, labels, tuple(f for f in all_findings if f not in usable)
 
 
 @dataclass(frozen=True)
@@ -103,18 +107,18 @@ def cached_series(ws: Workspace) -> tuple[list[CachedSeries], dict]:
     """Every readable cached series, labels and reports not needed (what encoder distillation
     learns from), and the count left out by reason."""
     with Catalog(ws.catalog_path) as catalog:
-        rows = _cached_rows(catalog)
+        rows = cached_rows(catalog)
     out, skipped = [], {}
     for r in rows:
         npy = ws.root / r["output"]
-        if problem := _cache_problem(npy):
+        if problem := cache_problem(npy):
             skipped[problem] = skipped.get(problem, 0) + 1
         else:
             out.append(CachedSeries(r["series_key"], r["patient_key"] or r["study_key"], npy))
     return out, skipped
 
 
-def _cached_rows(catalog: Catalog) -> list:
+def cached_rows(catalog: Catalog) -> list:
     """series_key, study_key, patient_key and cache path of every series preprocessing finished."""
     return catalog.db.execute(
         "SELECT s.key AS series_key, s.study_key, studies.patient_key, st.output FROM stage_status st "
@@ -123,20 +127,19 @@ def _cached_rows(catalog: Catalog) -> list:
     ).fetchall()
 
 
-def _cache_problem(npy: Path) -> str | None:
+def cache_problem(npy: Path, ndim: int = 3) -> str | None:
+    """Why a cache file cannot be trained on, or None. The header must parse and the file hold all
+    the data it announces (a cheap memory map), so a damaged file is left out up front instead of
+    stopping training part-way; a radiograph (2D) is not a volume (3D) and the other way round."""
     if not npy.is_file():
         return "cache file missing"
-    return None if _readable_volume(npy) else "cache file unreadable"
-
-
-def _readable_volume(npy: Path) -> bool:
-    """The header parses and the file holds all the data it announces (a cheap memory map):
-    a damaged cache file is left out up front instead of stopping training part-way."""
     try:
-        volume = np.load(npy, mmap_mode="r", allow_pickle=False)
-        return volume.ndim == 3
+        array = np.load(npy, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError):
-        return False
+        return "cache file unreadable"
+    if array.ndim != ndim:
+        return "not a volume" if ndim == 3 else "not a 2D image"
+    return None
 
 
 def split_by_patient(items: Sequence[TrainingItem], seed: int, val_fraction: float,

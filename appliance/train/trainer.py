@@ -611,8 +611,8 @@ class _Trainer:
 # ---------------------------------------------------------------------------------------------
 
 
-def _new_run_dir(ws: Workspace) -> Path:
-    base = ws.runs / "train"
+def _new_run_dir(ws: Workspace, kind: str = "train") -> Path:
+    base = ws.runs / kind
     base.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir, k = base / stamp, 1
@@ -623,9 +623,9 @@ def _new_run_dir(ws: Workspace) -> Path:
     return run_dir
 
 
-def latest_run(ws: Workspace, finished: bool) -> Path | None:
-    """The newest training run that has (finished) or lacks (unfinished) a final model."""
-    base = ws.runs / "train"
+def latest_run(ws: Workspace, finished: bool, kind: str = "train") -> Path | None:
+    """The newest run under runs/<kind> that has (finished) or lacks (unfinished) a result."""
+    base = ws.runs / kind
     runs = sorted((p for p in base.iterdir() if p.is_dir()), key=lambda p: p.name) if base.is_dir() else []
     for run in reversed(runs):
         if finished and (run / RESULT).is_file():
@@ -635,6 +635,36 @@ def latest_run(ws: Workspace, finished: bool) -> Path | None:
     return None
 
 
+def _initial_model(run_dir: Path) -> dict:
+    """model.pt of a finished run, to continue training from."""
+    path = Path(run_dir) / MODEL
+    if not path.is_file():
+        raise ApplianceError(f"{Path(run_dir).name} has no final model (model.pt) to continue from")
+    return load_checkpoint(path)
+
+
+def _keep_previous_split(split: dict[str, list[TrainingItem]], previous_run: Path) -> dict[str, list[TrainingItem]]:
+    """Continual training: a patient the previous model was tested on stays in test, and one it
+    learnt from never enters test (the hash split's boundaries move as the site grows)."""
+    path = previous_run / "split.json"
+    if not path.is_file():
+        return split
+    saved = json.loads(path.read_text())
+    patient_of = {it.series_key: it.patient_key for items in split.values() for it in items}
+    was_test = {patient_of[k] for k in saved.get("test", []) if k in patient_of}
+    was_fit = {patient_of[k] for part in ("train", "val") for k in saved.get(part, []) if k in patient_of}
+    out: dict[str, list[TrainingItem]] = {"train": [], "val": [], "test": []}
+    for part, items in split.items():
+        for it in items:
+            if it.patient_key in was_test:
+                out["test"].append(it)
+            elif part == "test" and it.patient_key in was_fit:
+                out["train"].append(it)
+            else:
+                out[part].append(it)
+    return out
+
+
 def _write_json(path: Path, obj) -> None:
     from appliance.fsutil import atomic_write
 
@@ -642,11 +672,14 @@ def _write_json(path: Path, obj) -> None:
 
 
 def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress | None = None,
-                    plan: HardwareProfile | None = None, federated: FederatedRound | None = None) -> TrainResult:
+                    plan: HardwareProfile | None = None, federated: FederatedRound | None = None,
+                    init_from: Path | None = None) -> TrainResult:
     """Train GreenRFM on the workspace's cache and labels; the run lands in runs/train/<stamp>/.
 
     `federated`: one site's local round of a federated run (fixed findings, tokenizer, variant,
-    phase and epochs; starts from the global weights; lands in `federated.run_dir`)."""
+    phase and epochs; starts from the global weights; lands in `federated.run_dir`).
+    `init_from`: a finished run folder to continue from (continual training): a new run that
+    starts from its weights, with its findings, tokenizer, variant and embedding size."""
     from appliance.tracking import open_run
     from appliance.tracking.energy import EnergyMeter
 
@@ -666,6 +699,13 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
         plan = dataclasses.replace(plan, variant=federated.variant)
         fixed = {"embed_dim": federated.embed_dim, "text_max_tokens": federated.text_max_tokens}
         cfg = cfg.model_copy(update={k: v for k, v in fixed.items() if v is not None})
+    init = _initial_model(init_from) if init_from is not None else None
+    if init is not None:
+        if resume or federated is not None:
+            raise ApplianceError("init_from starts a new run: it cannot be combined with resume or a federated round")
+        plan = dataclasses.replace(plan, variant=init["spec"]["variant"])
+        cfg = cfg.model_copy(update={"embed_dim": init["spec"]["embed_dim"],
+                                     "text_max_tokens": init.get("text_max_tokens", cfg.text_max_tokens)})
     if resume:
         run_dir = latest_run(ws, finished=False)
         if run_dir is None:
@@ -691,10 +731,12 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick the fastest 3D kernels
 
     data = collect_training_data(ws, impression_first_order=cfg.impression_first,
-                                 findings=federated.findings if federated else None)
+                                 findings=federated.findings if federated else init["findings"] if init else None)
     findings = list(data.findings)
     if resume_state is None:
         split = split_by_patient(data.items, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        if init is not None:
+            split = _keep_previous_split(split, Path(init_from))
         if rank == 0:
             _write_json(run_dir / "split.json", {"findings": findings,
                                                   **{k: [it.series_key for it in v] for k, v in split.items()}})
@@ -716,6 +758,11 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
         if rank == 0 and own_tokenizer:  # the round's folder stays self-contained (rfm eval reads it)
             shutil.copytree(federated.tokenizer_dir, tokenizer_dir, dirs_exist_ok=True)
         tokenizer = load_tokenizer(federated.tokenizer_dir, cfg.text_max_tokens)
+    elif init is not None and init.get("tokenizer") and cfg.text_model_dir is None:
+        if rank == 0:  # the new run folder stays self-contained, as every run's is
+            shutil.copytree(Path(init_from) / init["tokenizer"], tokenizer_dir, dirs_exist_ok=True)
+        _barrier(world)
+        tokenizer = load_tokenizer(tokenizer_dir, cfg.text_max_tokens)
     elif cfg.text_model_dir is not None:
         tokenizer = load_tokenizer(ws.root / cfg.text_model_dir, cfg.text_max_tokens)
     elif resume_state is not None:
@@ -734,15 +781,17 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
                      text_model_dir=(federated.text_model_dir if federated else
                                      str(ws.root / cfg.text_model_dir) if cfg.text_model_dir else None),
                      text_vocab_size=tokenizer.vocab_size,
-                     kinetics_weights=(str(ws.root / cfg.kinetics_weights) if cfg.kinetics_weights and not federated
-                                       else None),  # a federated round starts from the global weights
+                     kinetics_weights=(str(ws.root / cfg.kinetics_weights)
+                                       if cfg.kinetics_weights and not federated and init is None
+                                       else None),  # a federated round / continued run has its weights
                      shared_classifier=cfg.ablation.shared_classifier,
                      activation_checkpointing=plan.activation_checkpointing,
                      norm=federated.norm if federated else "batch")
     tracker_cm = open_run(ws.root, experiment=site.tracking.experiment, run_name=f"train-{run_dir.name}",
                           uri=site.tracking.uri, enabled=site.tracking.enabled and rank == 0,
                           tags={"stage": "federated-round" if federated else "train",
-                                "run_dir": run_dir.relative_to(ws.root).as_posix(), "site": site.site.name},
+                                "run_dir": run_dir.relative_to(ws.root).as_posix(), "site": site.site.name}
+                               | ({"init_from": Path(init_from).name} if init is not None else {}),
                           resume_run_id=resume_state.get("mlflow_run_id") if resume_state else None)
     with tracker_cm as tracker:
         if resume_state is None:
@@ -754,6 +803,14 @@ def train_workspace(ws: Workspace, *, resume: bool = False, progress: Progress |
         trainer = _Trainer(ws, cfg, plan, run_dir, progress, tracker, resume_state, federated)
         trainer.setup_data(split, findings, tokenizer)
         trainer.setup_model(spec)
+        if init is not None and resume_state is None:
+            try:
+                trainer.model.load_state_dict(init["state_dict"])
+            except RuntimeError:
+                raise ApplianceError(f"the model of {Path(init_from).name} does not fit the current train settings "
+                                     "(text encoder or classifier changed); train from scratch instead") from None
+            if rank == 0:
+                _write_json(run_dir / "init_from.json", {"run": Path(init_from).name})
         meter = EnergyMeter([trainer.device.index or 0] if trainer.device.type == "cuda" else [],
                             grid_intensity_g_per_kwh=site.tracking.grid_intensity_g_per_kwh)
         meter.start()
