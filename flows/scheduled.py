@@ -24,15 +24,10 @@ from appliance.receive.landing import ingest_received
 from appliance.train import latest_run, train_workspace
 from appliance.train.continual import new_trainable_studies
 from appliance.workspace import open_workspace
-from flows.site import _progress, deid_task, eval_task, is_transient, labels_task, preprocess_task
+from flows.site import _progress, eval_task, intake, is_transient, retry_options
 
 GPU_LIMIT = "gpu"
 NIGHTLY, RETRAIN, WEEKLY = "nightly", "retrain-check", "weekly"
-
-
-def _retry(workspace: str) -> dict:
-    cfg = open_workspace(workspace).config().workflow
-    return {"retries": cfg.task_retries, "retry_delay_seconds": cfg.retry_delay_s}
 
 
 def ensure_gpu_limit(slots: int = 1) -> None:
@@ -70,11 +65,9 @@ def continue_training_task(workspace: str, init_from: str | None) -> dict:
 @flow(name="nightly-intake", log_prints=False)
 def nightly_intake(workspace: str) -> dict:
     """Ingest what the receiver spooled, then de-identify, preprocess and label what is new."""
-    retry = _retry(workspace)
+    retry = retry_options(workspace)
     results = {"receive": ingest_received_task.with_options(**retry)(workspace)}
-    results["deid"] = deid_task.with_options(**retry)(workspace)
-    results["preprocess"] = preprocess_task.with_options(**retry)(workspace)
-    results["labels"] = labels_task.with_options(**retry)(workspace)
+    results |= intake(workspace, None, False, retry)
     r = results["receive"]
     get_run_logger().info("nightly intake: %d studies ingested from the spool (%d waiting), %d series "
                           "de-identified, %d preprocessed, %d reports labelled", r["studies_ingested"],
@@ -102,7 +95,7 @@ def retrain_if_enough(workspace: str, min_new_studies: int | None = None) -> dic
                 previous.name if previous else "the start", f" from {previous.name}" if previous else " from scratch")
     ensure_gpu_limit()
     with concurrency(GPU_LIMIT, occupy=1, strict=True):
-        result = continue_training_task.with_options(**_retry(workspace))(workspace,
+        result = continue_training_task.with_options(**retry_options(workspace))(workspace,
                                                                           str(previous) if previous else None)
     return out | {"retrained": True, "run_dir": result["run_dir"], "resumed": result["resumed"],
                   "n_items": result["n_items"]}
@@ -118,7 +111,7 @@ def weekly_evaluation(workspace: str) -> dict:
         return {"evaluated": False}
     ensure_gpu_limit()
     with concurrency(GPU_LIMIT, occupy=1, strict=True):
-        result = eval_task.with_options(**_retry(workspace))(workspace, str(run))
+        result = eval_task.with_options(**retry_options(workspace))(workspace, str(run))
     out = ws.runs / "weekly"
     out.mkdir(parents=True, exist_ok=True)
     summary = {"date": time.strftime("%Y-%m-%d"), "run": run.name} | {

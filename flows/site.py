@@ -120,19 +120,29 @@ def export_task(workspace: str, run_dir: str | None = None) -> dict:
     return export_run(ws, Path(run_dir) if run_dir else None, progress=_progress()).to_dict()
 
 
-@flow(name="radiograph-pipeline", log_prints=False)
-def radiograph_pipeline(workspace: str, source: str | None = None, force: bool = False,
-                        objective: str | None = None) -> dict:
-    """The 2D path: ingest (when a source folder is given), de-identify, preprocess and label the
-    radiographs, continue pre-training the open-weight encoder, then probe it against the open weights."""
+def retry_options(workspace: str) -> dict:
     cfg = open_workspace(workspace).config().workflow
-    retry = {"retries": cfg.task_retries, "retry_delay_seconds": cfg.retry_delay_s}
+    return {"retries": cfg.task_retries, "retry_delay_seconds": cfg.retry_delay_s}
+
+
+def intake(workspace: str, source: str | None, force: bool, retry: dict) -> dict[str, dict]:
+    """Ingest (when a source folder is given), de-identify, preprocess and label: both pipelines' start."""
     results: dict[str, dict] = {}
     if source is not None:
         results["ingest"] = ingest_task.with_options(**retry)(workspace, source, force)
     results["deid"] = deid_task.with_options(**retry)(workspace, force)
     results["preprocess"] = preprocess_task.with_options(**retry)(workspace, force)
     results["labels"] = labels_task.with_options(**retry)(workspace, force)
+    return results
+
+
+@flow(name="radiograph-pipeline", log_prints=False)
+def radiograph_pipeline(workspace: str, source: str | None = None, force: bool = False,
+                        objective: str | None = None) -> dict:
+    """The 2D path: ingest (when a source folder is given), de-identify, preprocess and label the
+    radiographs, continue pre-training the open-weight encoder, then probe it against the open weights."""
+    retry = retry_options(workspace)
+    results = intake(workspace, source, force, retry)
     results["pretrain"] = pretrain_task.with_options(**retry)(workspace, objective)
     results["probe"] = probe_task.with_options(**retry)(workspace, ["start", results["pretrain"]["run_dir"]])
     return results
@@ -144,14 +154,8 @@ def site_pipeline(workspace: str, source: str | None = None, force: bool = False
     """Ingest (when a source folder is given), de-identify, preprocess, label, then (unless
     train=False) train, evaluate, distil (task heads for the outcomes CSV, if any; full -> Lite
     when the run is the full model) and export; returns each stage's summary."""
-    cfg = open_workspace(workspace).config().workflow
-    retry = {"retries": cfg.task_retries, "retry_delay_seconds": cfg.retry_delay_s}
-    results: dict[str, dict] = {}
-    if source is not None:
-        results["ingest"] = ingest_task.with_options(**retry)(workspace, source, force)
-    results["deid"] = deid_task.with_options(**retry)(workspace, force)
-    results["preprocess"] = preprocess_task.with_options(**retry)(workspace, force)
-    results["labels"] = labels_task.with_options(**retry)(workspace, force)
+    retry = retry_options(workspace)
+    results = intake(workspace, source, force, retry)
     if train:
         results["train"] = train_task.with_options(**retry)(workspace)
         results["eval"] = eval_task.with_options(**retry)(workspace, results["train"]["run_dir"])

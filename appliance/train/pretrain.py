@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from appliance import faults
 from appliance.config import PretrainSection
 from appliance.errors import ApplianceError, ConfigError
-from appliance.hardware import HardwareProfile, PretrainWorkload, detect_hardware, halve_micro_batch, plan_pretraining
+from appliance.hardware import HardwareProfile, PretrainWorkload, detect_hardware, plan_pretraining
 from appliance.models.encoders2d import EncoderSpec2D, ImageEncoder2D, build_image_encoder, save_image_encoder
 from appliance.models.greenrfm import build_text_encoder
 from appliance.models.text import build_site_tokenizer, load_tokenizer
@@ -55,13 +55,13 @@ from appliance.train.trainer import (
     _chunks,
     _concat,
     _dist_setup,
-    _is_oom,
     _loader_generator,
     _maybe_simulated_oom,
     _new_run_dir,
     _scheduler,
     _write_json,
     latest_run,
+    step_with_oom_backoff,
 )
 from appliance.workspace import Workspace
 
@@ -404,26 +404,9 @@ class _PretrainRun:
     def step(self, step_batch: dict, optimizer) -> dict:
         """One optimiser step over one effective batch (OOM back-off, clipping, EMA teacher)."""
         step_fn = self.dino_step if self.cfg.objective == "dino" else self.contrastive_step
-        at_start = rng_state()
-        while True:
-            try:
-                losses = step_fn(step_batch)
-                break
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if not _is_oom(exc):
-                    raise
-                optimizer.zero_grad(set_to_none=True)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                smaller = halve_micro_batch(self.plan)
-                if smaller is None:
-                    raise ApplianceError("CUDA out of memory at micro-batch 1; use a smaller image size or "
-                                         "encoder, or activation checkpointing (pretrain.plan in site.yaml)") from None
-                self.plan = smaller
-                self.oom_backoffs += 1
-                self.progress.note(f"CUDA out of memory: micro-batch now {smaller.micro_batch} with "
-                                   f"{smaller.grad_accumulation} accumulation steps (effective batch kept)")
-                set_rng_state(at_start)
+        losses = step_with_oom_backoff(self, lambda: step_fn(step_batch), optimizer,
+                                       "use a smaller image size or encoder, or activation checkpointing "
+                                       "(pretrain.plan in site.yaml)")
         self.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.grad_clip)
         self.scaler.step(optimizer)

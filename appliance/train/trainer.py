@@ -550,29 +550,9 @@ class _Trainer:
         return offset
 
     def _step_with_backoff(self, step_fn, step_batch, optimizer, clip) -> dict:
-        at_start = rng_state()
-        while True:
-            try:
-                losses = step_fn(step_batch, len(step_batch["index"]))
-                break
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if not _is_oom(exc):
-                    raise
-                optimizer.zero_grad(set_to_none=True)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                smaller = halve_micro_batch(self.plan)
-                if smaller is None:
-                    raise ApplianceError("CUDA out of memory at micro-batch 1; use a smaller crop, the lite "
-                                         "variant or activation checkpointing (train.plan in site.yaml)") from None
-                self.plan = smaller
-                self.oom_backoffs += 1
-                self.progress.note(f"CUDA out of memory: micro-batch now {smaller.micro_batch} with "
-                                   f"{smaller.grad_accumulation} accumulation steps (effective batch kept)")
-                if self.tracker is not None and self.is_main:
-                    self.tracker.set_tags({"plan.micro_batch": smaller.micro_batch,
-                                           "plan.grad_accumulation": smaller.grad_accumulation})
-                set_rng_state(at_start)
+        losses = step_with_oom_backoff(self, lambda: step_fn(step_batch, len(step_batch["index"])), optimizer,
+                                       "use a smaller crop, the lite variant or activation checkpointing "
+                                       "(train.plan in site.yaml)")
         if self._global_params is not None:
             # FedProx: the gradient of mu/2 ||w - w_global||^2, scaled like the loss gradients
             mu = self.federated.proximal_mu * (self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
@@ -609,6 +589,34 @@ class _Trainer:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def step_with_oom_backoff(run, step, optimizer, hint: str) -> dict:
+    """`step()` (one effective batch); on CUDA out of memory: clear the gradients, halve
+    `run.plan`'s micro-batch (more accumulation keeps the effective batch), restore the RNG and
+    retry. `run` is a trainer (plan, device, progress, tracker, is_main, oom_backoffs); `hint` says
+    what to change when micro-batch 1 does not fit either."""
+    at_start = rng_state()
+    while True:
+        try:
+            return step()
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_oom(exc):
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            if run.device.type == "cuda":
+                torch.cuda.empty_cache()
+            smaller = halve_micro_batch(run.plan)
+            if smaller is None:
+                raise ApplianceError(f"CUDA out of memory at micro-batch 1; {hint}") from None
+            run.plan = smaller
+            run.oom_backoffs += 1
+            run.progress.note(f"CUDA out of memory: micro-batch now {smaller.micro_batch} with "
+                              f"{smaller.grad_accumulation} accumulation steps (effective batch kept)")
+            if run.tracker is not None and run.is_main:
+                run.tracker.set_tags({"plan.micro_batch": smaller.micro_batch,
+                                      "plan.grad_accumulation": smaller.grad_accumulation})
+            set_rng_state(at_start)
 
 
 def _new_run_dir(ws: Workspace, kind: str = "train") -> Path:
