@@ -230,3 +230,23 @@ def test_site_flow_tasks_pretrain_then_probe_the_open_weights_against_the_run(si
     for macro in probe["macro"].values():
         assert 0 <= macro["findings"]["auprc"] <= 1 and 0 <= macro["lines_tubes"]["auroc"] <= 1
     assert Path(probe["report_md"]).is_file()
+
+
+def test_simulated_oom_halves_the_micro_batch_and_keeps_the_effective_batch(site, monkeypatch):
+    from appliance.train.pretrain import pretrain_workspace
+
+    _set(site, epochs=1, plan={"dataloader_workers": 0, "micro_batch": 8, "grad_accumulation": 1})
+    monkeypatch.setenv("RFM_SIMULATE_OOM_ABOVE", "4")
+    result = pretrain_workspace(site, objective="clip")
+    assert result.oom_backoffs == 1
+    assert (result.plan["micro_batch"], result.plan["grad_accumulation"]) == (4, 2)
+    assert result.steps >= 1 and any(result.encoder_dir.iterdir())
+
+
+def test_oom_at_micro_batch_one_is_a_one_line_error(site, monkeypatch):
+    from appliance.train.pretrain import pretrain_workspace
+
+    _set(site, epochs=1, plan={"dataloader_workers": 0, "micro_batch": 1, "grad_accumulation": 8})
+    monkeypatch.setenv("RFM_SIMULATE_OOM_ABOVE", "0")
+    with pytest.raises(ApplianceError, match=r"^CUDA out of memory at micro-batch 1; use a smaller image size"):
+        pretrain_workspace(site, objective="clip")
